@@ -1,0 +1,22 @@
+"""Small shared test utilities (tiny models with non-trivial weights)."""
+import torch
+
+import models
+
+
+def randomize_(module, seed=0, std=0.02):
+    """Overwrite every trainable parameter with seeded noise, so adaLN-Zero layers are not zero and
+    outputs depend on every block."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return module
+
+
+def tiny_model(name="SiT-S/2", seed=0, **options):
+    """A 3-block, 32-wide model at 8×8 input, for fast tests."""
+    options = {"depth": 3, "hidden_size": 32, "num_heads": 2, **options}
+    model = models.create_model(name, input_size=8, in_channels=4, num_classes=10, **options)
+    return randomize_(model, seed)
