@@ -1,0 +1,37 @@
+"""The EMA teacher (SPEC §3 step 8): a frozen copy of the backbone, updated after every optimizer step."""
+import copy
+
+import torch
+
+EMA_DECAY = 0.9999  # paper main text and release (the paper's appendix table says 0.999)
+
+
+class EMATeacher:
+    """θ̄ ← m·θ̄ + (1 − m)·θ with fused `torch._foreach_*` ops in fp32.
+
+    The same EMA model serves as SRA's teacher and as the weights that are sampled and evaluated.
+    It stays in eval mode with requires_grad off, so no graph is ever built through it."""
+
+    def __init__(self, backbone, decay=EMA_DECAY):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(backbone).eval().requires_grad_(False)
+        self._params = list(self.model.parameters())
+
+    @torch.no_grad()
+    def update(self, backbone, apply=None):
+        """Move the EMA toward `backbone`. `apply` is an optional 0-d tensor (1 = update, 0 = keep),
+        so a skipped optimizer step also skips the EMA without a host sync."""
+        source = list(backbone.parameters())
+        if apply is None:
+            torch._foreach_lerp_(self._params, source, 1.0 - self.decay)
+        else:
+            weight = apply.to(self._params[0].dtype) * (1.0 - self.decay)
+            torch._foreach_lerp_(self._params, source, [weight] * len(source))
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.model.load_state_dict(state_dict, strict=True)

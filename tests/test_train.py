@@ -1,0 +1,114 @@
+"""End-to-end runs of train.py on a tiny generated pixel dataset (CPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from preprocessing.__main__ import main as preprocess
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--preset", "debug", "--num-workers", "0", "--tensorboard", "off"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Four classes of 8×8 images with different colours, stored in pixel space."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for label in range(4):
+        folder = root / "images" / f"class_{label}"
+        folder.mkdir(parents=True)
+        for index in range(8):
+            pixels = rng.integers(0, 64, (8, 8, 3)) + 48 * label
+            Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{index}.png")
+    preprocess(["--input", str(root / "images"), "--output", str(root / "pixels"), "--vae", "none",
+                "--resolution", "8", "--num-workers", "0"])
+    return str(root / "pixels")
+
+
+def run(tmp_path, data_dir, *extra):
+    return train.main([*FAST, "--data-dir", data_dir, "--results-dir", str(tmp_path), *extra])
+
+
+def test_debug_run_writes_checkpoint_metrics_and_grid(tmp_path, data_dir):
+    result = run(tmp_path, data_dir, "--max-steps", "4", "--ckpt-every", "2", "--log-every", "2",
+                 "--sample-every", "4", "--tensorboard", "on")
+    run_dir = tmp_path / "debug"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_0000002.pt", "step_0000004.pt"]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4]
+    assert all(np.isfinite(line["loss"]) and line["align"] > 0 for line in lines)
+    assert (run_dir / "samples_0000004.png").stat().st_size > 0
+    assert any((run_dir / "tensorboard").iterdir())
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["student_depth"] == 2 and saved["teacher_depth"] == 5 and saved["input_size"] == 8
+    state = torch.load(run_dir / "checkpoints" / "step_0000004.pt", weights_only=True)
+    assert state["step"] == 4 and state["head"] is not None
+    assert torch.equal(state["ema"]["pos_embed"], result["ema"].model.pos_embed)
+
+
+def test_resumed_run_is_bit_identical(tmp_path, data_dir):
+    common = ["--ckpt-every", "2", "--sample-every", "0", "--log-every", "1"]
+    straight = run(tmp_path / "a", data_dir, "--max-steps", "5", *common)
+    run(tmp_path / "b", data_dir, "--max-steps", "3", *common)
+    resumed = run(tmp_path / "b", data_dir, "--max-steps", "5", *common)  # same command, longer
+    for a, b in [(straight["student"], resumed["student"]), (straight["ema"].model, resumed["ema"].model)]:
+        for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(pa, pb), name
+    metrics_b = [json.loads(x)["step"] for x in (tmp_path / "b/debug/metrics.jsonl").read_text().splitlines()]
+    assert metrics_b == [1, 2, 3, 4, 5]  # the lines after the step-2 checkpoint were rewritten once
+
+
+def test_dit_and_baseline_runs(tmp_path, data_dir):
+    result = run(tmp_path, data_dir, "--model", "DiT-T/2", "--max-steps", "2", "--sample-every", "2",
+                 "--run-name", "dit")
+    assert result["student"].backbone.out_channels == 6  # learned variance range
+    assert (tmp_path / "dit" / "samples_0000002.png").exists()
+    baseline = run(tmp_path, data_dir, "--sra", "off", "--max-steps", "2", "--sample-every", "0",
+                   "--run-name", "base")
+    assert baseline["student"].head is None
+    assert torch.load(tmp_path / "base/checkpoints/step_0000002.pt", weights_only=True)["head"] is None
+
+
+def test_dry_run_and_config_errors(tmp_path, data_dir, capsys):
+    result = run(tmp_path, data_dir, "--dry-run")
+    assert json.loads((tmp_path / "debug" / "config.json").read_text()) == result["config"]
+    assert not (tmp_path / "debug" / "checkpoints").exists()
+    with pytest.raises(ValueError, match="--global-batch-size 10 is not divisible"):
+        run(tmp_path, data_dir, "--global-batch-size", "10", "--grad-accum-steps", "4")
+    with pytest.raises(ValueError, match="--teacher-depth 9 is outside the model's 1..6 blocks"):
+        run(tmp_path, data_dir, "--teacher-depth", "9")
+    with pytest.raises(ValueError, match="--data-dir is required"):
+        train.main(["--preset", "debug"])
+    run(tmp_path, data_dir, "--max-steps", "1", "--sample-every", "0", "--run-name", "x")
+    with pytest.raises(ValueError, match=r"different config \(lr: 0.0001 -> 0.001\)"):
+        run(tmp_path, data_dir, "--max-steps", "2", "--sample-every", "0", "--run-name", "x", "--lr", "1e-3")
+
+
+def test_two_processes_hold_identical_parameters(tmp_path, data_dir):
+    script = tmp_path / "launch.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import train\n"
+        "out = train.main(sys.argv[2:])\n"
+        "torch.save(out['student'].state_dict(), f'{sys.argv[1]}/rank{os.environ[\"RANK\"]}.pt')\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         str(script), str(tmp_path), *FAST, "--data-dir", data_dir, "--results-dir", str(tmp_path),
+         "--max-steps", "3", "--sample-every", "0"],
+        check=True, env=env, cwd=ROOT, timeout=300,
+    )
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert not torch.equal(rank0["head.linear2.weight"], torch.zeros_like(rank0["head.linear2.weight"]))

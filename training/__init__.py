@@ -1,0 +1,1 @@
+"""Training-loop support: checkpoints, metrics logging, sample grids."""
