@@ -1,0 +1,154 @@
+"""python -m preprocessing --input DIR --output DIR [--resolution 256] [--vae HUB_ID_OR_DIR | none] [--flip]
+
+Runs as one process, or as many under `torchrun` / `accelerate launch`: each process encodes its share
+of the unfinished shards on its own device, and the main process writes the index at the end.
+Rerunning the same command resumes an interrupted run.
+"""
+
+import argparse
+import logging
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+
+from preprocessing import store
+from preprocessing.encode import (
+    DEFAULT_IMAGES_PER_SHARD,
+    PIXEL_SPACE,
+    encode_shards,
+    finalize_run,
+    pending_shards,
+    prepare_run,
+    start_run,
+)
+
+log = logging.getLogger("preprocessing")
+
+DEFAULT_RESOLUTION = 256  # SPEC §4: ImageNet 256x256 (512 is the other setting of the paper)
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # SPEC §4
+DEFAULT_BATCH_SIZE = 64  # images per VAE forward; lower it if a 512 px batch does not fit the GPU
+DEFAULT_NUM_WORKERS = 4  # JPEG decoding and resizing keep up with the VAE on one GPU with about this many
+# Processes wait for each other around the work; a slow folder scan on a network disk must not time out.
+BARRIER_TIMEOUT = timedelta(hours=2)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m preprocessing",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--input",
+        required=True,
+        type=Path,
+        help="image folder: one subfolder per class (label = sorted subfolder index)",
+    )
+    parser.add_argument("--output", required=True, type=Path, help="dataset folder to create or resume")
+    parser.add_argument(
+        "--resolution", type=int, default=DEFAULT_RESOLUTION, help="side of the ADM center crop"
+    )
+    parser.add_argument(
+        "--vae",
+        default=DEFAULT_VAE,
+        help=f"AutoencoderKL hub id or local directory; '{PIXEL_SPACE}' stores pixels",
+    )
+    parser.add_argument("--flip", action="store_true", help="also store the horizontal mirror of every image")
+    parser.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per encoding batch, per process"
+    )
+    parser.add_argument(
+        "--num-workers", type=int, default=DEFAULT_NUM_WORKERS, help="image decoding processes, per process"
+    )
+    parser.add_argument(
+        "--images-per-shard",
+        type=int,
+        default=DEFAULT_IMAGES_PER_SHARD,
+        help="source images per output shard (the unit of resumption)",
+    )
+    args = parser.parse_args(argv)
+    if args.batch_size <= 0 or args.num_workers < 0:
+        parser.error(
+            f"--batch-size must be positive and --num-workers non-negative, got {args.batch_size} "
+            f"and {args.num_workers}"
+        )
+    return args
+
+
+def _log_to(path: Path | None, rank: int, is_main: bool) -> None:
+    log.setLevel(logging.INFO)
+    for handler in log.handlers[:]:
+        handler.close()
+        log.removeHandler(handler)
+    form = logging.Formatter(f"%(asctime)s rank {rank} %(levelname)s %(message)s")
+    handlers = [logging.StreamHandler(sys.stderr)] + ([logging.FileHandler(path)] if path else [])
+    for handler in handlers:
+        handler.setFormatter(form)
+        # Other ranks log only warnings (skipped images) to the terminal; everything goes to the file.
+        handler.setLevel(
+            logging.INFO if is_main or isinstance(handler, logging.FileHandler) else logging.WARNING
+        )
+        log.addHandler(handler)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    # accelerate sets up several CPU processes (gloo) only when asked to use the CPU.
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
+    rank, world_size, is_main = state.process_index, state.num_processes, state.is_main_process
+    _log_to(None, rank, is_main)
+    try:
+        run = prepare_run(
+            args.input, args.output, args.resolution, args.vae, args.flip, args.images_per_shard, state.device
+        )
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from error
+    if (run.output / store.INDEX_FILE).is_file():
+        log.info("%s is already complete; nothing to do", run.output)
+        return store.read_json(run.output / store.INDEX_FILE)
+
+    state.wait_for_everyone()  # every process has validated before the output folder is touched
+    if is_main:
+        start_run(run)
+    state.wait_for_everyone()
+    _log_to(run.output / store.LOG_FILE, rank, is_main)
+    pending = pending_shards(run)
+    state.wait_for_everyone()  # every process has listed the unfinished shards before any is written
+    if is_main:
+        log.info(
+            "%d images, %d classes, %d of %d shards to encode on %d process(es) into %s",
+            len(run.folder.records),
+            len(run.folder.class_names),
+            len(pending),
+            run.num_shards,
+            world_size,
+            run.output,
+        )
+    encode_shards(
+        run,
+        pending[rank::world_size],
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=state.device,
+        progress=is_main,
+    )
+    state.wait_for_everyone()
+    if not is_main:
+        return {}
+    index = finalize_run(run)
+    log.info(
+        "done: %d samples from %d images in %d shards; %d unreadable images skipped%s",
+        index["num_samples"],
+        index["num_images"],
+        len(index["shards"]),
+        index["num_skipped"],
+        f" (listed in {run.output / store.SKIPPED_FILE})" if index["num_skipped"] else "",
+    )
+    return index
+
+
+if __name__ == "__main__":
+    main()

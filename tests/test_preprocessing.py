@@ -1,0 +1,394 @@
+"""preprocessing/: ADM center crop, RGB conversion, encoding to a dataset, flips, resume, bad input."""
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from preprocessing import SD_VAE_SCALING, VAE_SCALE_FACTORS, store
+from preprocessing.__main__ import main
+from preprocessing.dataset import LatentDataset
+from preprocessing.encode import encode_shards, finalize_run, pending_shards, prepare_run, start_run
+from preprocessing.image import center_crop_adm, load_rgb, pixels_to_unit_range
+
+REPO = Path(__file__).resolve().parents[1]
+RESOLUTION = 16
+IMAGES_PER_SHARD = 3  # 10 files -> 4 shards, the last one partial
+TINY_VAE = dict(  # downsamples by 2 ** (2 - 1) = 2: 16 px -> 8x8 latents
+    block_out_channels=(8, 16),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny convolutions run ~100x slower when two threads contend for a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def adm_center_crop_reference(image: Image.Image, size: int) -> np.ndarray:
+    """The ADM rule written out directly (guided-diffusion `center_crop_arr`)."""
+    while min(*image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(*image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.array(image)
+    crop_y = (arr.shape[0] - size) // 2
+    crop_x = (arr.shape[1] - size) // 2
+    return arr[crop_y : crop_y + size, crop_x : crop_x + size]
+
+
+def random_image(rng: np.random.Generator, width: int, height: int, mode: str = "RGB") -> Image.Image:
+    channels = {"RGB": 3, "RGBA": 4, "CMYK": 4}.get(mode)
+    shape = (height, width) if channels is None else (height, width, channels)
+    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode)
+
+
+def jpeg_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """3 classes, 10 files: several sizes, grayscale, RGBA, CMYK, a nested file, 2 unreadable files."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for name in ("apple", "banana", "cherry"):
+        (root / name).mkdir()
+    random_image(rng, 40, 30).save(root / "apple" / "wide.png")
+    random_image(rng, 17, 23).save(root / "apple" / "odd.png")
+    random_image(rng, 21, 35, "L").save(root / "apple" / "gray.png")
+    random_image(rng, 33, 19, "RGBA").save(root / "banana" / "alpha.png")
+    (root / "banana" / "cmyk.jpg").write_bytes(jpeg_bytes(random_image(rng, 25, 27, "CMYK")))
+    (root / "banana" / "nested").mkdir()
+    random_image(rng, 64, 48).save(root / "banana" / "nested" / "deep.png")
+    random_image(rng, 16, 16).save(root / "cherry" / "exact.png")
+    random_image(rng, 50, 37).save(root / "cherry" / "tall.bmp")
+    (root / "cherry" / "corrupt.png").write_bytes(rng.integers(0, 256, 300, dtype=np.uint8).tobytes())
+    whole = jpeg_bytes(random_image(rng, 40, 40))
+    (root / "cherry" / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (root / "cherry" / "notes.txt").write_text("not an image, not listed")
+    return root
+
+
+READABLE = [  # (relative path, label) in dataset order: sorted class, then sorted path
+    ("apple/gray.png", 0), ("apple/odd.png", 0), ("apple/wide.png", 0),
+    ("banana/alpha.png", 1), ("banana/cmyk.jpg", 1), ("banana/nested/deep.png", 1),
+    ("cherry/exact.png", 2), ("cherry/tall.bmp", 2),
+]  # fmt: skip
+UNREADABLE = ["cherry/corrupt.png", "cherry/truncated.jpg"]
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vae")
+    AutoencoderKL(**TINY_VAE).save_pretrained(path)
+    return path
+
+
+def preprocess(image_folder: Path, output: Path, vae: str | Path = "none", *extra: str) -> dict:
+    return main([
+        "--input", str(image_folder), "--output", str(output), "--resolution", str(RESOLUTION),
+        "--vae", str(vae), "--batch-size", "2", "--num-workers", "0",
+        "--images-per-shard", str(IMAGES_PER_SHARD), *extra,
+    ])  # fmt: skip
+
+
+def expected_pixels(image_folder: Path, path: str) -> np.ndarray:
+    return center_crop_adm(load_rgb(image_folder / path), RESOLUTION).transpose(2, 0, 1)  # (3, R, R)
+
+
+def output_files(root: Path) -> dict[str, bytes]:
+    """Everything a finished run leaves, but the log (it has timestamps)."""
+    return {path.name: path.read_bytes() for path in sorted(root.iterdir()) if path.name != store.LOG_FILE}
+
+
+# --- center crop and colour conversion ---
+
+
+@pytest.mark.parametrize("resolution", [32, 256])
+@pytest.mark.parametrize("size", [(1, 1), (17, 23), (40, 30), (255, 256), (1031, 771), (600, 2001)])
+def test_center_crop_output_size(size, resolution):
+    image = random_image(np.random.default_rng(1), *size)
+    assert center_crop_adm(image, resolution).shape == (resolution, resolution, 3)
+
+
+@pytest.mark.parametrize(
+    "size", [(17, 23), (33, 19), (65, 63), (127, 129), (257, 511), (1031, 771), (515, 2049), (31, 31)]
+)
+def test_center_crop_matches_the_adm_rule_on_odd_sizes(size):
+    image = random_image(np.random.default_rng(2), *size)
+    np.testing.assert_array_equal(center_crop_adm(image, 32), adm_center_crop_reference(image, 32))
+
+
+def test_center_crop_closed_forms():
+    pixels = np.random.default_rng(3).integers(0, 256, (32, 64, 3), dtype=np.uint8)
+    # A square of the target size is returned unchanged; a 2:1 image of the right height loses
+    # a quarter of its width on each side (no resampling: the short side already matches).
+    np.testing.assert_array_equal(center_crop_adm(Image.fromarray(pixels[:, :32]), 32), pixels[:, :32])
+    np.testing.assert_array_equal(center_crop_adm(Image.fromarray(pixels), 32), pixels[:, 16:48])
+    # Odd margins: the extra column goes to the right, as ADM's floor division does.
+    np.testing.assert_array_equal(center_crop_adm(Image.fromarray(pixels[:, :35]), 32), pixels[:, 1:33])
+
+
+def test_load_rgb_converts_grayscale_alpha_cmyk(tmp_path):
+    rng = np.random.default_rng(4)
+    gray = random_image(rng, 9, 7, "L")
+    gray.save(tmp_path / "gray.png")
+    np.testing.assert_array_equal(
+        np.array(load_rgb(tmp_path / "gray.png")), np.repeat(np.array(gray)[..., None], 3, 2)
+    )
+    rgba = random_image(rng, 9, 7, "RGBA")
+    rgba.save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(np.array(load_rgb(tmp_path / "rgba.png")), np.array(rgba)[..., :3])
+    cmyk = random_image(rng, 9, 7, "CMYK")
+    cmyk.save(tmp_path / "cmyk.tif")
+    np.testing.assert_array_equal(np.array(load_rgb(tmp_path / "cmyk.tif")), np.array(cmyk.convert("RGB")))
+    assert all(load_rgb(tmp_path / name).mode == "RGB" for name in ("gray.png", "rgba.png", "cmyk.tif"))
+
+
+# --- pixel-space datasets ---
+
+
+def test_pixel_dataset_holds_the_cropped_images_with_folder_labels(image_folder, tmp_path):
+    index = preprocess(image_folder, tmp_path / "out")
+    dataset = LatentDataset(tmp_path / "out", expected_shape=(3, RESOLUTION, RESOLUTION), num_classes=3)
+    assert dataset.meta == index
+    assert (index["kind"], index["class_names"], index["num_samples"]) == (
+        "pixels",
+        ["apple", "banana", "cherry"],
+        8,
+    )
+    assert [shard["num_samples"] for shard in index["shards"]] == [3, 3, 2, 0]
+    for i, (path, label) in enumerate(READABLE):
+        pixels, y = dataset[i]
+        assert y == label and pixels.dtype == torch.float32
+        torch.testing.assert_close(
+            pixels,
+            pixels_to_unit_range(torch.from_numpy(expected_pixels(image_folder, path))),
+            rtol=0,
+            atol=0,
+        )
+    dataset.verify()
+
+
+def test_unreadable_images_are_reported_and_skipped(image_folder, tmp_path):
+    index = preprocess(image_folder, tmp_path / "out")
+    assert index["num_skipped"] == 2 and index["num_images"] == len(READABLE)
+    skipped = [line.split("\t") for line in (tmp_path / "out" / store.SKIPPED_FILE).read_text().splitlines()]
+    assert [path for path, _ in skipped] == UNREADABLE
+    assert "UnidentifiedImageError" in skipped[0][1] and "truncated" in skipped[1][1]
+    log = (tmp_path / "out" / store.LOG_FILE).read_text()
+    assert all(f"skipped {image_folder / path}" in log for path in UNREADABLE)
+    assert "2 unreadable images skipped" in log
+
+
+def test_flip_stores_each_image_then_its_mirror(image_folder, tmp_path):
+    index = preprocess(image_folder, tmp_path / "out", "none", "--flip")
+    dataset = LatentDataset(tmp_path / "out")
+    assert index["flip"] and len(dataset) == 2 * len(READABLE)
+    for k, (path, label) in enumerate(READABLE):
+        original, flipped = dataset[2 * k], dataset[2 * k + 1]
+        assert original[1] == flipped[1] == label
+        torch.testing.assert_close(flipped[0], original[0].flip(-1), rtol=0, atol=0)
+        torch.testing.assert_close(
+            original[0],
+            pixels_to_unit_range(torch.from_numpy(expected_pixels(image_folder, path))),
+            rtol=0,
+            atol=0,
+        )
+
+
+def test_cli_runs_as_a_module(image_folder, tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "preprocessing",
+        "--input",
+        str(image_folder),
+        "--output",
+        str(tmp_path / "out"),
+        "--resolution",
+        "32",
+        "--vae",
+        "none",
+        "--num-workers",
+        "1",
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "done: 8 samples from 8 images" in result.stderr
+    assert LatentDataset(tmp_path / "out", expected_shape=(3, 32, 32))[0][0].shape == (3, 32, 32)
+
+
+# --- VAE datasets ---
+
+
+def test_vae_dataset_holds_the_posterior_moments(image_folder, vae_dir, tmp_path):
+    from diffusers import AutoencoderKL
+
+    index = preprocess(image_folder, tmp_path / "out", vae_dir, "--flip")
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    assert (index["kind"], index["sample_shape"], index["stored_shape"]) == ("vae", [4, 8, 8], [8, 8, 8])
+    assert (index["vae"], index["vae_downsample"], index["scale"]) == (
+        str(vae_dir.resolve()),
+        2,
+        vae.config.scaling_factor,
+    )
+    dataset = LatentDataset(tmp_path / "out", expected_shape=(4, 8, 8), num_classes=3)
+    for k, (path, label) in enumerate(READABLE):
+        pixels = torch.from_numpy(expected_pixels(image_folder, path))[None]  # (1, 3, R, R)
+        for copy, image in enumerate([pixels, pixels.flip(-1)]):  # the mirror image is encoded, not flipped
+            with torch.no_grad():
+                posterior = vae.encode(pixels_to_unit_range(image)).latent_dist
+            moments, y = dataset[2 * k + copy]
+            assert y == label and moments.dtype == torch.float16
+            expected = torch.cat([posterior.mean, posterior.std], dim=1)[0]  # (8, 8, 8)
+            torch.testing.assert_close(moments.float(), expected.half().float(), rtol=2e-3, atol=1e-4)
+
+
+def test_sd_vae_scaling_is_the_papers():
+    assert (SD_VAE_SCALING.scale, SD_VAE_SCALING.shift) == (0.18215, 0.0)
+    assert VAE_SCALE_FACTORS["stabilityai/sd-vae-ft-ema"] is SD_VAE_SCALING
+    assert "SPEC §4" in SD_VAE_SCALING.source
+
+
+# --- resume and several processes ---
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(image_folder, vae_dir, tmp_path, monkeypatch):
+    preprocess(image_folder, tmp_path / "whole", vae_dir, "--flip")
+
+    real_write_shard = store.write_shard
+    written = []
+
+    def write_shard_then_crash(root, shard, *args):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # the process dies while the third shard is being encoded
+        real_write_shard(root, shard, *args)
+        written.append(shard)
+
+    monkeypatch.setattr(store, "write_shard", write_shard_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(image_folder, tmp_path / "resumed", vae_dir, "--flip")
+    assert not (tmp_path / "resumed" / store.INDEX_FILE).exists()
+    # Debris of a crash during a write: a temp file, and a data file whose manifest was never written.
+    (tmp_path / "resumed" / ".shard-00002.npy.tmp-1").write_bytes(b"partial")
+    (tmp_path / "resumed" / "shard-00002.npy").write_bytes(b"partial")
+
+    written.clear()
+    monkeypatch.setattr(
+        store,
+        "write_shard",
+        lambda root, shard, *args: (real_write_shard(root, shard, *args), written.append(shard)),
+    )
+    preprocess(image_folder, tmp_path / "resumed", vae_dir, "--flip")
+    assert written == [2, 3]  # only the unfinished shards were encoded
+    assert output_files(tmp_path / "resumed") == output_files(tmp_path / "whole")
+    written.clear()
+    preprocess(image_folder, tmp_path / "resumed", vae_dir, "--flip")  # a finished run is left as it is
+    assert written == []
+
+
+def test_several_processes_write_what_one_process_writes(image_folder, tmp_path):
+    preprocess(image_folder, tmp_path / "single")
+    run = prepare_run(
+        image_folder, tmp_path / "ranks", RESOLUTION, "none", False, IMAGES_PER_SHARD, torch.device("cpu")
+    )
+    start_run(run)
+    pending = pending_shards(run)
+    world_size = 3
+    for rank in reversed(range(world_size)):  # ranks finish in any order
+        encode_shards(
+            run,
+            pending[rank::world_size],
+            batch_size=2,
+            num_workers=0,
+            device=torch.device("cpu"),
+            progress=False,
+        )
+    finalize_run(run)
+    assert output_files(tmp_path / "ranks") == output_files(tmp_path / "single")
+
+
+# --- bad input: clear errors before any work ---
+
+
+def test_rerun_with_other_settings_is_refused(image_folder, tmp_path):
+    preprocess(image_folder, tmp_path / "out")
+    with pytest.raises(SystemExit, match=r"resolution: 16 then, 32 now"):
+        main(
+            [
+                "--input",
+                str(image_folder),
+                "--output",
+                str(tmp_path / "out"),
+                "--resolution",
+                "32",
+                "--vae",
+                "none",
+            ]
+        )
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty folder", "contains no images"),
+        ("empty class folder", "class folder .*empty_class contains no images"),
+        ("missing vae directory", "neither a local directory nor a hub id"),
+        ("vae directory without a model", "cannot load the VAE .* no file named config.json"),
+        ("resolution the vae cannot divide", "--resolution 15 is not divisible by 2"),
+        ("output folder of something else", "is not empty and holds no run.json"),
+    ],
+)
+def test_bad_input_is_a_clear_error_before_any_work(case, message, image_folder, vae_dir, tmp_path):
+    input_dir, vae, resolution, output = image_folder, vae_dir, RESOLUTION, tmp_path / "out"
+    if case == "empty folder":
+        input_dir = tmp_path / "empty"
+        input_dir.mkdir()
+    elif case == "empty class folder":
+        input_dir = tmp_path / "classes"
+        (input_dir / "empty_class").mkdir(parents=True)
+        (input_dir / "full_class").mkdir()
+        random_image(np.random.default_rng(5), 8, 8).save(input_dir / "full_class" / "a.png")
+    elif case == "missing vae directory":
+        vae = tmp_path / "no" / "such" / "vae"
+    elif case == "vae directory without a model":
+        vae = tmp_path / "not_a_vae"
+        vae.mkdir()
+    elif case == "resolution the vae cannot divide":
+        resolution = 15
+    elif case == "output folder of something else":
+        output.mkdir()
+        (output / "thesis.tex").write_text("precious")
+    argv = [
+        "--input",
+        str(input_dir),
+        "--output",
+        str(output),
+        "--resolution",
+        str(resolution),
+        "--vae",
+        str(vae),
+    ]
+    with pytest.raises(SystemExit, match=message):
+        main(argv)
+    assert sorted(path.name for path in output.glob("*")) == (["thesis.tex"] if output.exists() else [])
