@@ -1,0 +1,111 @@
+"""The objective interface shared by DDPM (DiT) and flow matching (SiT).
+
+Training and SRA are written once against `Objective`: sample a time, build the noisy input, compare
+the network output with the target, and shift the time to a lower noise level for the SRA teacher
+(SPEC §3 step 1). Sampling goes through `Objective.sample` with a `model_fn(x, t_model, t_frac)`.
+"""
+
+import abc
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+ModelFn = Callable[[Tensor, Tensor, float], Tensor]
+"""model_fn(x, t_model, t_frac) -> output. x: the sampler's state (N, C, H, W); t_model: (N,) times in
+the network's units; t_frac: the noise level of this step in [0, 1], for the CFG guidance interval."""
+
+
+class Objective(abc.ABC):
+    """What training and SRA need from a generative objective. Times are (N,) tensors in the
+    objective's own units: float in [0, 1] for flow (0 = data), int64 steps in [0, T-1] for DDPM."""
+
+    name: str
+    sampler_methods: tuple[str, ...]
+    default_method: str
+    default_num_steps: int
+    sampler_options: Mapping[str, Mapping[str, Any]]
+    """Per sampler method: the keyword options `sample` accepts, with their defaults."""
+
+    @abc.abstractmethod
+    def sample_time(self, n: int, device, generator: torch.Generator | None = None) -> Tensor:
+        """Training times for n samples, shape (n,), drawn on `device` (a generator must live there)."""
+
+    @abc.abstractmethod
+    def sample_delta(self, n: int, t_max: float, fixed: bool, device, generator=None) -> Tensor:
+        """SRA interval Δ in time units. Flow: Δ ~ U(0, t_max) (fixed: Δ = t_max).
+        DDPM: Δ ~ randint(0, floor(T*t_max)) (fixed: floor(T*t_max)). SPEC §3 step 1."""
+
+    @abc.abstractmethod
+    def shift_time(self, t: Tensor, delta: Tensor) -> Tensor:
+        """Teacher time: flow max(t-Δ, 0); DDPM clamp(t-Δ, min_step, T-1) with min_step a constructor
+        option, default 0 (the paper: 'truncate to 0'); min_step=1 reproduces the release's quirk."""
+
+    @abc.abstractmethod
+    def noisy(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """x_t for clean x0 and noise eps at times t (N,); same dtype as x0. Calling it again with the
+        same x0 and eps at the teacher time gives the SRA teacher input (SPEC §3 step 2)."""
+
+    @abc.abstractmethod
+    def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """The regression target of the network output at x_t = noisy(x0, eps, t)."""
+
+    @abc.abstractmethod
+    def model_time(self, t: Tensor) -> Tensor:
+        """What the network receives as its time input (flow: t as float; DDPM: the integer step)."""
+
+    @abc.abstractmethod
+    def loss(self, model_output: Tensor, x0: Tensor, eps: Tensor, t: Tensor, x_t: Tensor) -> Tensor:
+        """Per-sample generative loss, shape (N,). Flow: mean over elements of (out - target)^2.
+        DDPM: eps-MSE (mean over C,H,W of the first C output channels) + VB term for the learned
+        variance (output channels C:2C, mean output detached), exactly DiT's default loss
+        (loss_type MSE with learn_sigma: vb in bits per dim, mean over dims, NOT rescaled by T/1000,
+        discretized Gaussian decoder NLL at t == 0). Without learned sigma: MSE only."""
+
+    def sample(self, model_fn: ModelFn, z: Tensor, *, method: str | None = None,
+               num_steps: int | None = None, generator: torch.Generator | None = None,
+               **method_options) -> Tensor:
+        """Run a sampler from noise z (N, C, H, W) to data; returns float32 x0.
+
+        method: one of `sampler_methods` (default `default_method`); num_steps: sampling steps
+        (default `default_num_steps`); generator: for the sampler's noise, on z's device;
+        method_options: the options of `sampler_options[method]`, defaults filled in.
+        """
+        method = self.default_method if method is None else method
+        if method not in self.sampler_methods:
+            raise ValueError(f"unknown {self.name} sampler {method!r}; expected {self.sampler_methods}")
+        accepted = self.sampler_options[method]
+        unknown = sorted(set(method_options) - set(accepted))
+        if unknown:
+            raise ValueError(f"sampler {method!r} does not take option(s) {unknown}; "
+                             f"it takes {sorted(accepted) or 'none'}")
+        if z.ndim != 4 or not z.is_floating_point():
+            raise ValueError(f"z must be a float (N, C, H, W) tensor, got {tuple(z.shape)} {z.dtype}")
+        num_steps = self.default_num_steps if num_steps is None else num_steps
+        return self._sample(model_fn, z, method, num_steps, generator, {**accepted, **method_options})
+
+    @abc.abstractmethod
+    def _sample(self, model_fn: ModelFn, z: Tensor, method: str, num_steps, generator,
+                options: dict[str, Any]) -> Tensor:
+        """The sampler itself, called by `sample` with checked arguments and all options filled in."""
+
+
+def check_t_max(t_max: float) -> None:
+    """SRA's t_max is a fraction of the time range (SPEC §3)."""
+    if not 0.0 <= t_max <= 1.0:
+        raise ValueError(f"t_max must lie in [0, 1], got {t_max}")
+
+
+def create_objective(kind: str, **options) -> Objective:
+    """Build the objective of a backbone family: "flow" (SiT, transport.FlowObjective) or
+    "ddpm" (DiT, diffusion.DDPMObjective); options go to that class's constructor."""
+    if kind == "flow":
+        from transport import FlowObjective  # lazy: DDPM users never import transport
+
+        return FlowObjective(**options)
+    if kind == "ddpm":
+        from diffusion.ddpm import DDPMObjective
+
+        return DDPMObjective(**options)
+    raise ValueError(f"unknown objective kind {kind!r}; expected 'flow' or 'ddpm'")
