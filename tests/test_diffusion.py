@@ -87,9 +87,9 @@ def test_posterior_of_two_chained_steps(objective):
     alpha = 1 - diffusion.betas.values[t]
     var_prev, var_t, cov = 1 - alpha_bar_prev, 1 - alpha_bar, alpha.sqrt() * (1 - alpha_bar_prev)
     gain = cov / var_t  # regression of x_{t-1} on x_t
-    x0, x_t = randn(T - 1, 1, 1, 1, seed=4), randn(T - 1, 1, 1, 1, seed=5)
-    expected_mean = alpha_bar_prev.sqrt() * x0.flatten() + gain * (x_t - alpha_bar.sqrt() * x0).flatten()
-    mean, log_variance = diffusion.q_posterior(x0, x_t, t)
+    x0, x_t = randn(T - 1, seed=4), randn(T - 1, seed=5)
+    expected_mean = alpha_bar_prev.sqrt() * x0 + gain * (x_t - alpha_bar.sqrt() * x0)
+    mean, log_variance = diffusion.q_posterior(x0.view(-1, 1, 1, 1), x_t.view(-1, 1, 1, 1), t)
     assert torch.allclose(mean.flatten(), expected_mean, rtol=0, atol=1e-12)
     assert torch.allclose(log_variance.flatten().exp(), var_prev - cov**2 / var_t, rtol=1e-10, atol=0)
 
