@@ -1,0 +1,257 @@
+"""Sample N images from a DiT/SiT checkpoint into one `.npz` for the ADM evaluator (evaluations/).
+
+    torchrun --nproc_per_node=8 sample_ddp.py --ckpt results/sit-xl2-sra/checkpoints/4000000.pt \\
+        --preset sit-xl2-sra-256-cfg
+    python sample_ddp.py --ckpt DiT-XL-2-256x256.pt --model DiT-XL/2 --num-samples 1000   # one process
+
+Each sample's noise and label depend on (--seed, its index) only, so the images do not depend on the
+number of processes. Rerunning the same command after an interruption resumes: finished batches are
+kept and the final file is identical to an uninterrupted run's.
+"""
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import models
+from sampling import (
+    NO_VAE,
+    PRESET_NAMES,
+    ROUNDINGS,
+    BatchSampler,
+    ShardStore,
+    barrier,
+    build_objective,
+    check_compatible,
+    check_settings,
+    checkpoint_config,
+    close_distributed,
+    draws_noise,
+    init_distributed,
+    load_decoder,
+    load_model,
+    plan_batches,
+    resolve,
+    save_pngs,
+    sum_over_processes,
+    write_settings,
+)
+
+PER_PROC_BATCH_SIZE = 32  # DiT release sample_ddp.py; raise it on large GPUs
+VAE_BATCH_SIZE = 64  # images per VAE decoder call: bounds the decoder's memory at 256-512 px
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    flag = parser.add_argument
+    flag("--ckpt", required=True, help="this project's checkpoint or a public DiT/SiT/SRA/REPA release")
+    flag("--model", choices=models.MODEL_NAMES, help="needed only for a bare state dict (DiT/SiT releases)")
+    flag("--time-convention", choices=(models.DATA_AT_0, models.DATA_AT_1, models.DISCRETE_STEPS),
+         help="override the loader's inference (data_at_1: SiT release; data_at_0: SRA/REPA/this project)")
+    flag("--weights", choices=("ema", "model"), default="ema", help="EMA weights (the papers') or online")
+    flag("--preset", choices=PRESET_NAMES, help="a paper's evaluation settings; the flags below override it")
+    flag("--sampler", choices=("ddpm", "ddim", "sde", "euler", "heun"),
+         help="DiT: ddpm (default) or ddim; SiT: sde (default), euler or heun (ODE)")
+    flag("--num-steps", type=int, help="sampling steps (default 250)")
+    flag("--ddim-eta", type=float, help="DDIM noise (0: deterministic)")
+    flag("--cfg-scale", type=float, help="classifier-free guidance scale (1: none)")
+    flag("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
+         help="guide only where LOW <= t <= HIGH, t the noise level in [0, 1]")
+    flag("--cfg-channels", choices=("all", "3"), help="guide all latent channels or the first 3 (releases)")
+    flag("--num-samples", type=int, help="total images (default 50000)")
+    flag("--per-proc-batch-size", type=int, default=PER_PROC_BATCH_SIZE, help="images per process per batch")
+    flag("--seed", type=int, default=0)
+    flag("--balanced-classes", action="store_true", help="each class num_samples / num_classes times")
+    flag("--vae", help=f"VAE hub id or local directory, or '{NO_VAE}' for pixel-space models "
+                       "(default: the checkpoint's training VAE, else stabilityai/sd-vae-ft-ema)")
+    flag("--vae-batch-size", type=int, default=VAE_BATCH_SIZE, help="images per VAE decoder call")
+    flag("--image-size", type=int, help="expected image size; an error if the model and VAE give another")
+    flag("--rounding", choices=tuple(ROUNDINGS),
+         help="; ".join(f"{name}: {how}" for name, how in ROUNDINGS.items()) + " (default nearest)")
+    flag("--mixed-precision", choices=("bf16", "no"), default="bf16", help="bf16 autocast (GPU only)")
+    flag("--tf32", choices=("on", "off"), default="on", help="TF32 matmuls on GPU")
+    flag("--output-dir", default="samples", help="where the .npz goes; its name is derived from the settings")
+    flag("--output", help="the .npz path, instead of the derived name in --output-dir")
+    flag("--save-png", action="store_true", help="also write every image as a PNG")
+    return parser.parse_args(argv)
+
+
+def resolve_settings(args) -> dict:
+    overrides = {
+        "sampler": args.sampler, "num_steps": args.num_steps, "ddim_eta": args.ddim_eta,
+        "cfg_scale": args.cfg_scale, "guidance_interval": args.guidance_interval,
+        "cfg_channels": args.cfg_channels, "rounding": args.rounding, "num_samples": args.num_samples,
+    }
+    settings = resolve(args.preset, overrides)
+    settings.update(seed=args.seed, balanced_classes=args.balanced_classes,
+                    per_proc_batch_size=args.per_proc_batch_size, vae_batch_size=args.vae_batch_size)
+    check_numbers(settings)
+    return settings
+
+
+def check_numbers(settings):
+    for key in ("num_samples", "per_proc_batch_size", "vae_batch_size"):
+        if settings[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {settings[key]}")
+    if settings["num_steps"] is not None and settings["num_steps"] < 1:
+        raise ValueError(f"--num-steps must be >= 1, got {settings['num_steps']}")
+    if settings["seed"] < 0:
+        raise ValueError(f"--seed must be >= 0, got {settings['seed']}")
+    low, high = settings["guidance_interval"]
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"--guidance-interval needs 0 <= LOW <= HIGH <= 1, got {low} {high}")
+    if settings["ddim_eta"] < 0:
+        raise ValueError(f"--ddim-eta must be >= 0, got {settings['ddim_eta']}")
+
+
+def fill_sampler(settings, objective, family):
+    """The objective's default sampler and steps where none was chosen; errors for misfits."""
+    if settings["family"] is not None and settings["family"] != family:
+        raise ValueError(f"the preset is for {settings['family']} models; the checkpoint holds {family}")
+    settings["sampler"] = settings["sampler"] or objective.default_method
+    settings["num_steps"] = settings["num_steps"] or objective.default_num_steps
+    if settings["sampler"] not in objective.sampler_methods:
+        raise ValueError(f"--sampler {settings['sampler']} does not fit a {family} model; "
+                         f"choose one of {', '.join(objective.sampler_methods)}")
+    if settings["ddim_eta"] and settings["sampler"] != "ddim":
+        raise ValueError(f"--ddim-eta applies to the ddim sampler, not {settings['sampler']}")
+
+
+def image_settings(args, settings, loaded, decoder, image_size, device) -> dict:
+    """Everything that decides the images: a rerun must match it to reuse finished batches."""
+    record = {
+        "ckpt": str(Path(args.ckpt).resolve()), "ckpt_bytes": Path(args.ckpt).stat().st_size,
+        "weights": loaded.source, "model": loaded.name, "time_convention": loaded.time_convention,
+        "vae": decoder.name, "image_size": image_size,
+        "mixed_precision": args.mixed_precision if device.type == "cuda" else "no",
+        "tf32": args.tf32 if device.type == "cuda" else "off",
+    }
+    for key in ("sampler", "num_steps", "cfg_scale", "guidance_interval", "cfg_channels", "rounding",
+                "num_samples", "seed", "balanced_classes"):
+        record[key] = settings[key]
+    if settings["sampler"] == "ddim":
+        record["ddim_eta"] = settings["ddim_eta"]
+    if draws_noise(settings["sampler"], settings["ddim_eta"]):
+        # The sampler's own noise is drawn per batch (sampling.seeds.sampler_generator).
+        record["per_proc_batch_size"] = settings["per_proc_batch_size"]
+    return record
+
+
+def output_path(args, settings, loaded) -> Path:
+    if args.output is not None:
+        return Path(args.output)
+    low, high = settings["guidance_interval"]
+    name = f"{loaded.name.replace('/', '-')}-{Path(args.ckpt).stem}"
+    name += f"-{settings['sampler']}{settings['num_steps']}-cfg{settings['cfg_scale']:g}"
+    if settings["cfg_scale"] != 1.0 and (low, high) != (0.0, 1.0):
+        name += f"-interval{low:g}-{high:g}"
+    if settings["cfg_scale"] != 1.0 and settings["cfg_channels"] != "all":
+        name += f"-ch{settings['cfg_channels']}"
+    if settings["balanced_classes"]:
+        name += "-balanced"
+    name += f"-{settings['rounding']}-seed{settings['seed']}-{settings['num_samples']}"
+    return Path(args.output_dir) / f"{name}.npz"
+
+
+def check_writable(directory: Path) -> None:
+    """Create the directory and write a probe file there, or say why it cannot be done."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-"):
+            pass
+    except OSError as error:
+        raise ValueError(f"the output directory {directory} is not writable: {error}") from error
+
+
+# --- main --------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    settings = resolve_settings(args)
+    output_dir = Path(args.output).parent if args.output else Path(args.output_dir)
+    check_writable(output_dir)
+    rank, world_size, device = init_distributed()
+    try:
+        return sample(args, settings, rank, world_size, device)
+    finally:
+        close_distributed()
+
+
+def sample(args, settings, rank, world_size, device):
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
+        torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
+
+    # Build and check everything before the first sample: a mistake costs seconds, not a night.
+    model, loaded = load_model(args.ckpt, args.model, args.time_convention, args.weights)
+    config = checkpoint_config(args.ckpt)
+    objective = build_objective(loaded, config)
+    fill_sampler(settings, objective, models.model_family(loaded.name))
+    decoder = load_decoder(args.vae, config, device)
+    image_size = check_compatible(loaded.model, decoder, args.image_size, settings["cfg_scale"])
+    record = image_settings(args, settings, loaded, decoder, image_size, device)
+    npz_path = output_path(args, settings, loaded)
+    settings_path = npz_path.with_suffix(".json")
+    check_settings(settings_path, record)
+    if npz_path.is_file():
+        if rank == 0:
+            print(f"{npz_path} is already complete")
+        return {"npz": npz_path, "settings": record, "made": 0}
+    store = ShardStore(npz_path.with_suffix(".work"))
+    store.check_settings(record)
+    if rank == 0:
+        for note in loaded.notes:
+            print(f"{args.ckpt}: {note}")
+        print(f"decoder: {decoder.name} ({decoder.source})")
+        print(json.dumps(record, indent=1))
+        store.prepare(record)
+    png_dir = npz_path.with_suffix("")
+    if args.save_png:
+        png_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    batches = plan_batches(store.finished(settings["num_samples"]), settings["per_proc_batch_size"])
+    barrier()  # every process has listed the finished shards before any writes a new one
+
+    model.to(device)
+    sample_shape = (loaded.model.in_channels, loaded.model.input_size, loaded.model.input_size)
+    autocast = device.type == "cuda" and args.mixed_precision == "bf16"
+    sample_batch = BatchSampler(model, sample_shape, objective, decoder, settings, device, autocast)
+    # Batches are global index ranges dealt round-robin, so the images do not depend on world_size.
+    mine = batches[rank::world_size]
+    made = sum(end - start for start, end in mine)
+    # Rank 0's bar, scaled by the number of processes: an estimate of the whole run's progress.
+    progress = tqdm(total=made, unit="img", unit_scale=world_size if world_size > 1 else False,
+                    disable=rank != 0, dynamic_ncols=True, desc=f"sampling ({world_size} × rank 0)")
+    start_time = time.perf_counter()
+    for start, end in mine:
+        images, labels = sample_batch(start, end)
+        if args.save_png:
+            save_pngs(images, start, png_dir)
+        store.write(start, images, labels)  # after the PNGs: a finished shard implies its PNGs
+        progress.update(end - start)
+    progress.close()
+    barrier()
+    seconds = time.perf_counter() - start_time
+    made = int(sum_over_processes(made, device))
+
+    if rank == 0:
+        store.assemble(settings["num_samples"], npz_path)
+        write_settings(settings_path, record)
+        store.remove()
+        print(f"sampled {made} images in {seconds:.1f} s: {made / max(seconds, 1e-9):.2f} images/s "
+              f"over {world_size} process{'es' if world_size > 1 else ''} ({device.type})")
+        print(f"wrote {npz_path} ({settings['num_samples']} images)")
+    barrier()
+    return {"npz": npz_path, "settings": record, "made": made, "seconds": seconds}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Sampling for FID: per-index noise and labels, presets, the checkpoint-to-images pipeline, and the
+resumable shard store behind sample_ddp.py."""
+from .distributed import barrier, close_distributed, init_distributed, sum_over_processes
+from .images import ROUNDINGS, png_name, save_pngs, to_uint8
+from .pipeline import (
+    DEFAULT_VAE,
+    NO_VAE,
+    BatchSampler,
+    Decoder,
+    build_objective,
+    check_compatible,
+    checkpoint_config,
+    draws_noise,
+    load_decoder,
+    load_model,
+)
+from .presets import DEFAULTS, FID_NUM_SAMPLES, PRESET_NAMES, PRESETS, resolve
+from .seeds import ClassLabels, derived_seed, initial_noise, sampler_generator
+from .shards import ShardStore, check_settings, plan_batches, write_settings
+
+__all__ = [
+    "DEFAULTS",
+    "DEFAULT_VAE",
+    "FID_NUM_SAMPLES",
+    "NO_VAE",
+    "PRESETS",
+    "PRESET_NAMES",
+    "ROUNDINGS",
+    "BatchSampler",
+    "ClassLabels",
+    "Decoder",
+    "ShardStore",
+    "barrier",
+    "build_objective",
+    "check_compatible",
+    "check_settings",
+    "checkpoint_config",
+    "close_distributed",
+    "derived_seed",
+    "draws_noise",
+    "init_distributed",
+    "initial_noise",
+    "load_decoder",
+    "load_model",
+    "plan_batches",
+    "png_name",
+    "resolve",
+    "sampler_generator",
+    "save_pngs",
+    "sum_over_processes",
+    "to_uint8",
+    "write_settings",
+]

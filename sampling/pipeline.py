@@ -1,0 +1,153 @@
+"""From a checkpoint to uint8 images: the model in this project's time convention, its objective's
+sampler, the decoder, and one batch of global indices at a time."""
+import contextlib
+import dataclasses
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import models
+from diffusion import create_objective
+from sampling.images import to_uint8
+from sampling.seeds import ClassLabels, initial_noise, sampler_generator
+from transport import ReversedTime
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # SPEC §4: the decoder of the DiT, SiT, REPA and SRA evaluations
+NO_VAE = "none"  # pixel-space models: the sample is the image
+CFG_CHANNELS = {"all": None, "3": models.RELEASE_DIT_GUIDED_CHANNELS}
+DEFAULT_FLOW = {"path": "linear", "prediction": "velocity"}  # every public SiT/REPA/SRA release (SPEC §2)
+
+
+def checkpoint_config(path) -> dict:
+    """The training config of this project's checkpoints ({} for public releases), read without
+    loading the weights (memory-mapped)."""
+    try:
+        raw = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError):
+        return {}  # a release's pickled argparse.Namespace, or an old non-zip file: not ours
+    if isinstance(raw, dict) and raw.get("format") == models.CHECKPOINT_FORMAT:
+        return raw.get("config", {})
+    return {}
+
+
+def load_model(path, model_name=None, time_convention=None, weights="ema"):
+    """(model in this project's convention, LoadedModel). A SiT release model (t = 1 data) is
+    wrapped in transport.ReversedTime (SPEC §2)."""
+    loaded = models.load_checkpoint(path, model_name, time_convention=time_convention, prefer=weights)
+    model = ReversedTime(loaded.model) if loaded.time_convention == models.DATA_AT_1 else loaded.model
+    return model.eval().requires_grad_(False), loaded
+
+
+def build_objective(loaded, config: dict):
+    """The sampling objective of the backbone; a flow checkpoint of this project names its path and
+    prediction in its config."""
+    if models.model_family(loaded.name) == "DiT":
+        return create_objective("ddpm", learn_sigma=loaded.model.learn_sigma)
+    return create_objective("flow", **{key: config.get(key, value) for key, value in DEFAULT_FLOW.items()})
+
+
+@dataclasses.dataclass
+class Decoder:
+    name: str  # VAE hub id or directory, or "none"
+    channels: int  # latent channels it takes
+    downsample: int  # image pixels per latent pixel along a side
+    decode: Callable[[torch.Tensor], torch.Tensor]  # model space (N, C, h, w) -> (N, 3, H, W) in [-1, 1]
+    source: str  # why this decoder, for the log
+
+
+def dataset_index(config: dict) -> dict | None:
+    """The index of the dataset the checkpoint was trained on, where it is still readable."""
+    from preprocessing import store
+
+    data_dir = config.get("data_dir")
+    path = Path(data_dir) / store.INDEX_FILE if data_dir else None
+    return store.read_json(path) if path is not None and path.is_file() else None
+
+
+def choose_vae(vae_flag: str | None, config: dict) -> tuple[str, str, dict | None]:
+    """(name, why, dataset index): --vae, else the training run's VAE, else DEFAULT_VAE."""
+    dataset = dataset_index(config)
+    if vae_flag is not None:
+        return vae_flag, "--vae", dataset
+    if config.get("vae"):
+        return config["vae"], "the checkpoint's training config", dataset
+    if dataset is not None:
+        name = NO_VAE if dataset["kind"] == "pixels" else dataset["vae"]
+        return name, f"the training dataset {config['data_dir']}", dataset
+    return DEFAULT_VAE, "the default (SPEC §4)", None
+
+
+def load_decoder(vae_flag: str | None, config: dict, device) -> Decoder:
+    name, source, dataset = choose_vae(vae_flag, config)
+    if name == NO_VAE:
+        return Decoder(NO_VAE, 3, 1, lambda x: x, source)
+    from preprocessing.vae import load_vae  # diffusers is needed only here
+
+    vae = load_vae(name, device)
+    scale, shift = vae.scaling.scale, vae.scaling.shift
+    if dataset is not None and dataset["kind"] == "vae" and dataset["vae"] == vae.name:
+        scale, shift = dataset["scale"], dataset["shift"]  # the constants the model was trained with
+
+    def decode(x):
+        return vae.model.decode(x / scale + shift).sample
+
+    return Decoder(vae.name, vae.latent_channels, vae.downsample, decode, source)
+
+
+def check_compatible(backbone, decoder: Decoder, image_size: int | None, cfg_scale: float) -> int:
+    """Error unless the model, decoder and requested image size fit together; returns the image size."""
+    if backbone.in_channels != decoder.channels:
+        what = "pixel-space sampling (--vae none) needs 3" if decoder.name == NO_VAE else (
+            f"the VAE {decoder.name} decodes {decoder.channels}")
+        raise ValueError(f"the model takes {backbone.in_channels}-channel inputs, but {what} channels")
+    produced = backbone.input_size * decoder.downsample
+    if image_size is not None and image_size != produced:
+        raise ValueError(
+            f"--image-size {image_size} does not fit: the model's {backbone.input_size}×"
+            f"{backbone.input_size} inputs decode to {produced}×{produced} images with {decoder.name}"
+        )
+    if cfg_scale != 1.0 and backbone.y_embedder.embedding_table.num_embeddings <= backbone.num_classes:
+        raise ValueError("classifier-free guidance needs a null class; this model was trained without one")
+    return produced
+
+
+def draws_noise(sampler: str, ddim_eta: float) -> bool:
+    """Whether the sampler adds noise while it integrates (then its samples depend on the batch
+    boundaries, see sampling.seeds.sampler_generator)."""
+    return sampler in ("sde", "ddpm") or (sampler == "ddim" and ddim_eta > 0)
+
+
+class BatchSampler:
+    """Images of the global indices [start, end): noise and labels from the seed and the indices,
+    the objective's sampler under CFG, the decoder, uint8 rounding."""
+
+    def __init__(self, model, sample_shape, objective, decoder: Decoder, settings: dict, device,
+                 autocast: bool):
+        self.model, self.sample_shape, self.objective, self.decoder = model, sample_shape, objective, decoder
+        self.settings, self.device, self.autocast = settings, device, autocast
+        self.labels = ClassLabels(settings["seed"], settings["num_samples"], model.num_classes,
+                                  settings["balanced_classes"])
+        self.sampler_options = {"eta": settings["ddim_eta"]} if settings["sampler"] == "ddim" else {}
+
+    @torch.no_grad()
+    def __call__(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """(images (n, H, W, 3) uint8, labels (n,) int64) for the indices start..end-1."""
+        s = self.settings
+        indices = range(start, end)
+        z = initial_noise(s["seed"], indices, self.sample_shape).to(self.device)  # (n, C, h, w)
+        y = self.labels(indices)
+        model_fn = models.guided_model_fn(
+            self.model, y.to(self.device), scale=s["cfg_scale"], interval=tuple(s["guidance_interval"]),
+            guide_channels=CFG_CHANNELS[s["cfg_channels"]],
+        )
+        generator = sampler_generator(s["seed"], start, end, self.device)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with autocast:
+            x0 = self.objective.sample(model_fn, z, method=s["sampler"], num_steps=s["num_steps"],
+                                       generator=generator, **self.sampler_options)
+        # The decoder runs in float32, as in the DiT and REPA scripts; chunks bound its memory.
+        images = torch.cat([self.decoder.decode(chunk) for chunk in x0.split(s["vae_batch_size"])])
+        return to_uint8(images, s["rounding"]), y.numpy()

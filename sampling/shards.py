@@ -1,0 +1,157 @@
+"""Resumable sampling: finished batches live as shard files in a work folder; the final `.npz` is
+assembled from them in index order.
+
+Every file appears atomically (written under a temporary name, then renamed), so after a kill the
+work folder holds only whole shards, and a rerun produces just the missing indices. The final file
+is streamed shard by shard into the zip, so assembling 50K images never holds them all in memory.
+"""
+import json
+import os
+import re
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+SETTINGS_FILE = "settings.json"  # everything that decides the images; a rerun must match it
+SHARD_NAME = re.compile(r"(\d+)-(\d+)\.npz")  # images of the indices [start, end)
+TEMP_SUFFIX = ".tmp"
+ZIP_TIMESTAMP = (1980, 1, 1, 0, 0, 0)  # fixed member times: the same samples give the same file bytes
+
+
+def _temp_path(path: Path) -> Path:
+    # One name per process: two processes never write the same temporary file.
+    return path.with_name(f"{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+
+
+def _write_atomic(path: Path, write) -> None:
+    temp = _temp_path(path)
+    with open(temp, "wb") as file:
+        write(file)
+    os.replace(temp, path)
+
+
+def npy_header(shape, dtype) -> dict:
+    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+    return {"descr": descr, "fortran_order": False, "shape": tuple(shape)}
+
+
+def check_settings(path, settings: dict) -> None:
+    """Error naming the differences if the settings file at `path` exists and differs from `settings`."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    settings = json.loads(json.dumps(settings))  # as stored: tuples become lists
+    changed = sorted(key for key in set(saved) | set(settings) if saved.get(key) != settings.get(key))
+    if changed:
+        details = ", ".join(f"{key}: {saved.get(key)!r} -> {settings.get(key)!r}" for key in changed)
+        raise ValueError(
+            f"{path} records samples made with other settings ({details}); rerun with the original "
+            "flags, or pass another --output (or delete the old files) to start afresh"
+        )
+
+
+def write_settings(path, settings: dict) -> None:
+    _write_atomic(Path(path), lambda file: file.write((json.dumps(settings, indent=1) + "\n").encode()))
+
+
+class ShardStore:
+    """The work folder of one sampling run: settings.json plus shard files `{start}-{end}.npz`, each
+    holding `images` (n, H, W, 3) uint8 and `labels` (n,) int64 of the indices [start, end)."""
+
+    def __init__(self, work_dir):
+        self.work_dir = Path(work_dir)
+
+    def check_settings(self, settings: dict) -> None:
+        """Error if this folder holds shards made with other settings (their images would not fit)."""
+        check_settings(self.work_dir / SETTINGS_FILE, settings)
+
+    def prepare(self, settings: dict) -> None:
+        """Create the folder, record the settings, drop temporary files a killed run left behind.
+        Call from one process only, before any process lists or writes shards."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        for temp in self.work_dir.glob(f"*{TEMP_SUFFIX}"):
+            temp.unlink()
+        if not (self.work_dir / SETTINGS_FILE).is_file():
+            write_settings(self.work_dir / SETTINGS_FILE, settings)
+
+    def shards(self) -> list[tuple[int, int, Path]]:
+        """(start, end, path) of the finished shards, sorted by start."""
+        found = []
+        for path in self.work_dir.glob("*.npz"):
+            match = SHARD_NAME.fullmatch(path.name)
+            if match:
+                found.append((int(match[1]), int(match[2]), path))
+        return sorted(found)
+
+    def finished(self, num_samples: int) -> np.ndarray:
+        """(num_samples,) bool: which indices some shard already holds."""
+        done = np.zeros(num_samples, dtype=bool)
+        for start, end, _ in self.shards():
+            done[start:min(end, num_samples)] = True
+        return done
+
+    def write(self, start: int, images: np.ndarray, labels: np.ndarray) -> None:
+        end = start + len(images)
+        path = self.work_dir / f"{start:07d}-{end:07d}.npz"
+        _write_atomic(path, lambda file: np.savez(file, images=images, labels=labels))
+
+    def assemble(self, num_samples: int, path) -> None:
+        """Write `arr_0` (N, H, W, 3) uint8 and `labels` (N,) int64 in index order to `path`, atomically.
+        Shards may overlap (a rerun with another batch size); each index is taken once."""
+        shards = self.shards()
+        if not shards:
+            raise ValueError(f"{self.work_dir} holds no samples to assemble")
+        with np.load(shards[0][2]) as first:
+            image_shape = first["images"].shape[1:]  # (H, W, 3)
+        labels = np.empty(num_samples, dtype=np.int64)
+        images_header = npy_header((num_samples, *image_shape), np.uint8)
+
+        def write(file):
+            with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+                images_entry = zipfile.ZipInfo("arr_0.npy", ZIP_TIMESTAMP)
+                with archive.open(images_entry, "w", force_zip64=True) as entry:
+                    np.lib.format.write_array_header_1_0(entry, images_header)
+                    self._stream_images(shards, num_samples, entry, labels)
+                with archive.open(zipfile.ZipInfo("labels.npy", ZIP_TIMESTAMP), "w") as entry:
+                    np.lib.format.write_array_header_1_0(entry, npy_header(labels.shape, labels.dtype))
+                    entry.write(labels.tobytes())
+
+        _write_atomic(Path(path), write)
+
+    def _stream_images(self, shards, num_samples: int, entry, labels: np.ndarray) -> None:
+        """Write the images of indices 0..N-1 to `entry` in order and fill `labels`."""
+        next_index = 0
+        for start, end, shard_path in shards:
+            if start > next_index:
+                break
+            if end <= next_index:
+                continue
+            with np.load(shard_path) as shard:
+                offset, count = next_index - start, min(end, num_samples) - next_index
+                images = shard["images"][offset:offset + count]  # (count, H, W, 3)
+                entry.write(np.ascontiguousarray(images).tobytes())
+                labels[next_index:next_index + count] = shard["labels"][offset:offset + count]
+            next_index += count
+        if next_index != num_samples:
+            raise ValueError(f"{self.work_dir} lacks the samples from index {next_index} on")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.work_dir)
+
+
+def plan_batches(finished: np.ndarray, batch_size: int) -> list[tuple[int, int]]:
+    """The missing indices as [start, end) ranges of at most batch_size, in index order. A run cut
+    short leaves whole batches behind, so a rerun with the same batch size finds the same ranges."""
+    if batch_size < 1:
+        raise ValueError(f"the batch size must be >= 1, got {batch_size}")
+    missing = np.flatnonzero(~finished)
+    batches = []
+    # Split where consecutive missing indices are not adjacent: each run is contiguous.
+    for run in np.split(missing, np.flatnonzero(np.diff(missing) != 1) + 1):
+        for offset in range(0, len(run), batch_size):
+            chunk = run[offset:offset + batch_size]
+            batches.append((int(chunk[0]), int(chunk[-1]) + 1))
+    return batches
