@@ -1,6 +1,7 @@
 """The trainer's side of a preprocessed dataset: a memory-mapped Dataset, the model input, and an
 infinite loader that resumes exactly where a run stopped."""
 
+import errno
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -68,12 +69,14 @@ class LatentDataset(Dataset):
             )
 
     def _check_shard(self, shard: int) -> None:
-        array = self._shard(shard)
+        path = self.root / self.meta["shards"][shard]["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}, listed in {store.INDEX_FILE}, is missing")
+        shape, dtype = store.read_npy_header(path)
         expected = (self.meta["shards"][shard]["num_samples"], *self.meta["stored_shape"])
-        if array.shape != expected or array.dtype != np.dtype(self.meta["stored_dtype"]):
+        if shape != expected or dtype != np.dtype(self.meta["stored_dtype"]):
             raise ValueError(
-                f"{self.root / self.meta['shards'][shard]['file']} holds {array.dtype} {array.shape}"
-                f", the index says {self.meta['stored_dtype']} {expected}"
+                f"{path} holds {dtype} {shape}, the index says {self.meta['stored_dtype']} {expected}"
             )
 
     def _check_labels(self, num_classes: int | None) -> None:
@@ -94,7 +97,17 @@ class LatentDataset(Dataset):
             path = self.root / self.meta["shards"][shard]["file"]
             # An empty shard (every image unreadable) cannot be memory-mapped; it is never indexed anyway.
             empty = self.meta["shards"][shard]["num_samples"] == 0
-            self._shards[shard] = np.load(path, mmap_mode=None if empty else "r")
+            try:
+                self._shards[shard] = np.load(path, mmap_mode=None if empty else "r")
+            except OSError as error:
+                if error.errno != errno.EMFILE:
+                    raise
+                # Each memory map holds a file descriptor, and a reading process maps every shard.
+                raise OSError(
+                    error.errno,
+                    f"{len(self._shards)} shards of {self.root} are open and the process may open no more "
+                    "files: raise `ulimit -n`, or preprocess again with a larger --images-per-shard",
+                ) from error
         return self._shards[shard]
 
     def __getstate__(self) -> dict:

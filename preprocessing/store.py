@@ -69,6 +69,20 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a .npy file, read without loading or mapping it."""
+    with open(path, "rb") as file:
+        version = np.lib.format.read_magic(file)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }
+        if version not in read_header:
+            raise ValueError(f"{path} is a .npy file of version {version}, not 1.0 or 2.0")
+        shape, _, dtype = read_header[version](file)
+    return shape, dtype
+
+
 def write_json(path: Path, content: dict) -> None:
     _write_atomic(path, (json.dumps(content, indent=1) + "\n").encode())
 

@@ -1,5 +1,6 @@
 """preprocessing.dataset: reading shards, validation on open, model input, resumable sampling and loading."""
 
+import errno
 from itertools import islice
 from pathlib import Path
 
@@ -111,6 +112,26 @@ def test_a_shard_that_disagrees_with_the_index_is_refused(moments_dataset):
         r"\(5, 8, 4, 4\)",
     ):
         LatentDataset(root)
+
+
+def test_a_missing_shard_is_refused(moments_dataset):
+    root = moments_dataset[0]
+    (root / store.shard_data_file(1)).unlink()
+    with pytest.raises(FileNotFoundError, match="shard-00001.npy, listed in index.json, is missing"):
+        LatentDataset(root)
+
+
+def test_running_out_of_file_descriptors_says_what_to_do(moments_dataset, monkeypatch):
+    dataset = LatentDataset(moments_dataset[0])
+
+    def no_more_files(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(np, "load", no_more_files)
+    with pytest.raises(
+        OSError, match="raise `ulimit -n`, or preprocess again with a larger --images-per-shard"
+    ):
+        dataset[0]
 
 
 def test_verify_finds_a_changed_byte(moments_dataset):
