@@ -2,7 +2,7 @@
 
 from diffusion.ddpm import DDPMObjective
 from diffusion.gaussian import GaussianDiffusion, linear_beta_schedule
-from diffusion.objective import ModelFn, Objective, create_objective
+from diffusion.objective import ModelFn, Objective, SamplerGenerator, create_objective
 from diffusion.respace import respace, space_timesteps
 from diffusion.samplers import ddim_sample, ddpm_sample
 
@@ -11,6 +11,7 @@ __all__ = [
     "GaussianDiffusion",
     "ModelFn",
     "Objective",
+    "SamplerGenerator",
     "create_objective",
     "ddim_sample",
     "ddpm_sample",

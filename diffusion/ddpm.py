@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from diffusion.gaussian import GaussianDiffusion, linear_beta_schedule
-from diffusion.objective import ModelFn, Objective, check_t_max
+from diffusion.objective import ModelFn, Objective, SamplerGenerator, check_t_max
 from diffusion.respace import respace, space_timesteps
 from diffusion.samplers import ddim_sample, ddpm_sample
 
@@ -91,7 +91,7 @@ class DDPMObjective(Objective):
         return self._respaced[kept]
 
     def _sample(self, model_fn: ModelFn, z: Tensor, method: str, num_steps: int | str,
-                generator: torch.Generator | None, options: dict[str, Any]) -> Tensor:
+                generator: SamplerGenerator, options: dict[str, Any]) -> Tensor:
         """num_steps: an int (evenly spaced steps) or a spacing string ("250", "ddim50", "10,20")."""
         diffusion = self.respaced(num_steps)
         if method == "ddim":

@@ -6,7 +6,7 @@ the network output with the target, and shift the time to a lower noise level fo
 """
 
 import abc
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,6 +15,10 @@ from torch import Tensor
 ModelFn = Callable[[Tensor, Tensor, float], Tensor]
 """model_fn(x, t_model, t_frac) -> output. x: the sampler's state (N, C, H, W); t_model: (N,) times in
 the network's units; t_frac: the noise level of this step in [0, 1], for the CFG guidance interval."""
+
+SamplerGenerator = torch.Generator | Sequence[torch.Generator] | None
+"""The source of a stochastic sampler's noise: the global RNG (None), one generator for the batch,
+or one generator per sample, so that a sample's noise does not depend on the batch it is in."""
 
 
 class Objective(abc.ABC):
@@ -64,12 +68,13 @@ class Objective(abc.ABC):
         discretized Gaussian decoder NLL at t == 0). Without learned sigma: MSE only."""
 
     def sample(self, model_fn: ModelFn, z: Tensor, *, method: str | None = None,
-               num_steps: int | None = None, generator: torch.Generator | None = None,
+               num_steps: int | None = None, generator: SamplerGenerator = None,
                **method_options) -> Tensor:
         """Run a sampler from noise z (N, C, H, W) to data; returns float32 x0.
 
         method: one of `sampler_methods` (default `default_method`); num_steps: sampling steps
-        (default `default_num_steps`); generator: for the sampler's noise, on z's device;
+        (default `default_num_steps`); generator: for the sampler's noise, on z's device: one
+        generator, or a sequence of N (one per sample; EDM2's seeding, batch-size independent);
         method_options: the options of `sampler_options[method]`, defaults filled in.
         """
         method = self.default_method if method is None else method
@@ -82,6 +87,8 @@ class Objective(abc.ABC):
                              f"it takes {sorted(accepted) or 'none'}")
         if z.ndim != 4 or not z.is_floating_point():
             raise ValueError(f"z must be a float (N, C, H, W) tensor, got {tuple(z.shape)} {z.dtype}")
+        if not (generator is None or isinstance(generator, torch.Generator)) and len(generator) != len(z):
+            raise ValueError(f"got {len(generator)} per-sample generators for {len(z)} samples")
         num_steps = self.default_num_steps if num_steps is None else num_steps
         return self._sample(model_fn, z, method, num_steps, generator, {**accepted, **method_options})
 
@@ -89,6 +96,14 @@ class Objective(abc.ABC):
     def _sample(self, model_fn: ModelFn, z: Tensor, method: str, num_steps, generator,
                 options: dict[str, Any]) -> Tensor:
         """The sampler itself, called by `sample` with checked arguments and all options filled in."""
+
+
+def standard_normal(like: Tensor, generator: SamplerGenerator) -> Tensor:
+    """N(0, I) noise of like's shape, dtype and device, from `generator` (see SamplerGenerator)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    return torch.stack([torch.randn(like.shape[1:], generator=sample_generator, device=like.device,
+                                    dtype=like.dtype) for sample_generator in generator])
 
 
 def check_t_max(t_max: float) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from diffusion.gaussian import GaussianDiffusion, working_dtype
-from diffusion.objective import ModelFn
+from diffusion.objective import ModelFn, SamplerGenerator, standard_normal
 
 
 def _steps(diffusion: GaussianDiffusion) -> list[tuple[int, int]]:
@@ -25,20 +25,19 @@ def _model_output(model_fn: ModelFn, diffusion: GaussianDiffusion, x: Tensor, st
 
 
 def ddpm_sample(diffusion: GaussianDiffusion, model_fn: ModelFn, z: Tensor,
-                generator: torch.Generator | None = None) -> Tensor:
+                generator: SamplerGenerator = None) -> Tensor:
     """Ancestral sampling x_{t-1} ~ p(x_{t-1} | x_t) from x_T = z; the last step returns the mean."""
     x = z.to(working_dtype(z))
     for index, step in _steps(diffusion):
         t = torch.full((x.shape[0],), index, device=x.device, dtype=torch.long)
         x, log_variance, _ = diffusion.p_mean_variance(_model_output(model_fn, diffusion, x, step), x, t)
         if index > 0:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x + torch.exp(0.5 * log_variance) * noise
+            x = x + torch.exp(0.5 * log_variance) * standard_normal(x, generator)
     return x.float()
 
 
 def ddim_sample(diffusion: GaussianDiffusion, model_fn: ModelFn, z: Tensor, eta: float = 0.0,
-                generator: torch.Generator | None = None) -> Tensor:
+                generator: SamplerGenerator = None) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12) from x_T = z; eta = 0 is deterministic, eta = 1 is DDPM-like.
 
     x_{t-1} = √ᾱ_{t-1}·x̂0 + √(1 - ᾱ_{t-1} - σ_t²)·ε̂ + σ_t·noise,
@@ -57,5 +56,5 @@ def ddim_sample(diffusion: GaussianDiffusion, model_fn: ModelFn, z: Tensor, eta:
                                 * (1.0 - alpha_bar / alpha_bar_prev))
         x = math.sqrt(alpha_bar_prev) * pred_x0 + math.sqrt(1.0 - alpha_bar_prev - sigma**2) * eps
         if sigma > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + sigma * standard_normal(x, generator)
     return x.float()

@@ -205,6 +205,20 @@ def test_ddim_with_eta_one_is_ancestral_sampling_with_the_posterior_variance(obj
     assert not torch.allclose(ddim, objective.sample(model, z, method="ddim", num_steps=num_steps))
 
 
+@pytest.mark.parametrize(("method", "options"), [("ddpm", {}), ("ddim", {"eta": 0.5})])
+def test_per_sample_generators_make_samples_independent_of_the_batch(objective, method, options):
+    model = GaussianEpsModel(objective.diffusion, 1.5, 0.5, variance_values=0.2)
+    z = randn(4, 4, 2, 2, seed=16)
+
+    def sample(rows):
+        generators = [torch.Generator().manual_seed(100 + i) for i in rows]
+        return objective.sample(model, z[rows], method=method, num_steps=20, generator=generators, **options)
+
+    whole = sample([0, 1, 2, 3])
+    assert torch.equal(whole, torch.cat([sample([0, 1]), sample([2, 3])]))
+    assert torch.equal(whole[3:], sample([3]))
+
+
 @pytest.mark.parametrize("min_step", [0, 1])
 def test_shift_time_stays_in_range_and_lowers_the_noise(min_step):
     objective = DDPMObjective(min_step=min_step)

@@ -171,6 +171,24 @@ def test_sde_is_reproducible_with_a_generator():
     assert torch.equal(runs[0], runs[1])
 
 
+def test_per_sample_generators_make_samples_independent_of_the_batch():
+    objective = FlowObjective()
+    z = noise(4, seed=14)
+
+    def generators(indices):
+        return [torch.Generator().manual_seed(100 + i) for i in indices]
+
+    def sample(rows):
+        model = AnalyticModel(objective.path, "velocity")
+        return objective.sample(model, z[rows], num_steps=10, generator=generators(rows))
+
+    whole = sample([0, 1, 2, 3])
+    assert torch.equal(whole, torch.cat([sample([0, 1]), sample([2, 3])]))
+    assert torch.equal(whole[1:2], sample([1]))
+    with pytest.raises(ValueError, match="per-sample generators"):
+        objective.sample(AnalyticModel(objective.path, "velocity"), z, generator=generators([0, 1]))
+
+
 @pytest.mark.parametrize(("method", "calls"), [("euler", 10), ("heun", 19), ("sde", 10)])
 def test_model_call_count_and_learned_sigma_channels(method, calls):
     objective = FlowObjective()

@@ -5,7 +5,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusion.objective import ModelFn, Objective, check_t_max
+from diffusion.objective import ModelFn, Objective, SamplerGenerator, check_t_max
 from transport.paths import make_path
 from transport.predictions import PREDICTIONS, broadcast_time
 from transport.samplers import SDE_LAST_STEP_TIME, ode_sample, sde_sample
@@ -109,7 +109,7 @@ class FlowObjective(Objective):
         return error.pow(2).mean(dim=(1, 2, 3))
 
     def _sample(self, model_fn: ModelFn, z: Tensor, method: str, num_steps: int,
-                generator: torch.Generator | None, options: dict[str, Any]) -> Tensor:
+                generator: SamplerGenerator, options: dict[str, Any]) -> Tensor:
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
         if method == "sde":

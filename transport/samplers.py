@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-from diffusion.objective import ModelFn
+from diffusion.objective import ModelFn, SamplerGenerator, standard_normal
 from transport.paths import Path
 from transport.predictions import to_velocity, velocity_to_score
 
@@ -54,7 +54,7 @@ def ode_sample(model_fn: ModelFn, z: Tensor, path: Path, prediction: str, num_st
 
 def sde_sample(model_fn: ModelFn, z: Tensor, path: Path, prediction: str, num_steps: int,
                t_start: float = 1.0, last_step_time: float = SDE_LAST_STEP_TIME,
-               generator: torch.Generator | None = None) -> Tensor:
+               generator: SamplerGenerator = None) -> Tensor:
     """Euler–Maruyama on the reverse SDE dx = [v - ½g²·score] dt + g dW̄ (SPEC §5).
 
     Times linspace(t_start, last_step_time, num_steps) then 0: num_steps - 1 stochastic steps, then
@@ -70,6 +70,5 @@ def sde_sample(model_fn: ModelFn, z: Tensor, path: Path, prediction: str, num_st
         drift = velocity - 0.5 * diffusion * velocity_to_score(velocity, x, t_cur, path)
         x = x + (t_next - t_cur) * drift
         if i < num_steps - 1:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x + math.sqrt(diffusion * (t_cur - t_next)) * noise
+            x = x + math.sqrt(diffusion * (t_cur - t_next)) * standard_normal(x, generator)
     return x.float()
