@@ -77,6 +77,11 @@ class NpzImages:
                 yield batch
 
 
+def read_rgb(file):
+    with Image.open(file) as image:
+        return np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+
+
 class FolderImages:
     """Every image file directly in a folder, sorted by name, decoded to RGB; all must share one size."""
 
@@ -101,7 +106,7 @@ class FolderImages:
     def batches(self, batch_size, num_images):
         for start in range(0, num_images, batch_size):
             files = self.files[start : min(start + batch_size, num_images)]
-            yield np.stack([np.asarray(Image.open(file).convert("RGB")) for file in files])
+            yield np.stack([read_rgb(file) for file in files])
 
 
 def open_images(path):
@@ -111,8 +116,8 @@ def open_images(path):
         return FolderImages(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file or folder: {path}")
-    if path.suffix != ".npz":
-        raise ValueError(f"{path}: expected an .npz batch or a folder of images")
+    if path.suffix != ".npz" or not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: expected an .npz archive or a folder of images")
     return NpzImages(path)
 
 
@@ -146,7 +151,7 @@ def load_reference_statistics(path):
     if statistics is None:
         raise ValueError(
             f"{path}: no `mu, sigma, mu_s, sigma_s`; compute them with "
-            f"`python -m evaluations.evaluator --save-ref-stats OUT.npz REF SAMPLE`"
+            f"`python -m evaluations.evaluator REF --save-ref-stats OUT.npz`"
         )
     return statistics
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from evaluations import evaluator
 from evaluations.features import InceptionFeatures, fid_against_reference, images_to_uint8
@@ -248,6 +249,17 @@ def test_npz_reader_streams_the_images_in_order(tmp_path):
     np.testing.assert_array_equal(np.concatenate(batches), images)
 
 
+def test_folder_reader_sorts_by_name_and_refuses_mixed_sizes(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    for index, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{index:02d}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    np.testing.assert_array_equal(np.concatenate(list(open_images(tmp_path).batches(2, 3))), images)
+    Image.fromarray(np.zeros((9, 8, 3), dtype=np.uint8)).save(tmp_path / "99.png")
+    with pytest.raises(ValueError, match="differ in size"):
+        open_images(tmp_path)
+
+
 @pytest.mark.parametrize(
     "arrays, message",
     [
@@ -261,6 +273,14 @@ def test_bad_npz_is_refused(tmp_path, arrays, message):
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(ValueError, match=message):
         open_images(tmp_path / "bad.npz")
+
+
+def test_a_file_that_is_not_an_npz_archive_is_refused(tmp_path):
+    np.save(tmp_path / "images.npy", np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    (tmp_path / "images.npz").write_bytes(b"not a zip archive")
+    for name in ["images.npy", "images.npz"]:
+        with pytest.raises(ValueError, match="expected an .npz archive"):
+            open_images(tmp_path / name)
 
 
 def test_bad_statistics_are_refused(tmp_path):
