@@ -1,6 +1,6 @@
 """Sample N images from a DiT/SiT checkpoint into one `.npz` for the ADM evaluator (evaluations/).
 
-    torchrun --nproc_per_node=8 sample_ddp.py --ckpt results/sit-xl2-sra/checkpoints/4000000.pt \\
+    torchrun --nproc_per_node=8 sample_ddp.py --ckpt results/sit-xl2-sra/checkpoints/step_4000000.pt \\
         --preset sit-xl2-sra-256-cfg
     python sample_ddp.py --ckpt DiT-XL-2-256x256.pt --model DiT-XL/2 --num-samples 1000   # one process
 
@@ -185,12 +185,8 @@ def main(argv=None):
         close_distributed()
 
 
-def sample(args, settings, rank, world_size, device):
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
-        torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
-
-    # Build and check everything before the first sample: a mistake costs seconds, not a night.
+def build(args, settings, device):
+    """Model, objective, decoder and the settings record, every mismatch reported before sampling."""
     model, loaded = load_model(args.ckpt, args.model, args.time_convention, args.weights)
     config = checkpoint_config(args.ckpt)
     objective = build_objective(loaded, config)
@@ -198,6 +194,34 @@ def sample(args, settings, rank, world_size, device):
     decoder = load_decoder(args.vae, config, device)
     image_size = check_compatible(loaded.model, decoder, args.image_size, settings["cfg_scale"])
     record = image_settings(args, settings, loaded, decoder, image_size, device)
+    sample_shape = (loaded.model.in_channels, loaded.model.input_size, loaded.model.input_size)
+    autocast = device.type == "cuda" and args.mixed_precision == "bf16"
+    sample_batch = BatchSampler(model.to(device), sample_shape, objective, decoder, settings, device,
+                                autocast)
+    return sample_batch, loaded, record
+
+
+def run_batches(sample_batch, batches, store, png_dir, rank, world_size):
+    """Sample and store this process's batches; returns how many images it made."""
+    made = sum(end - start for start, end in batches)
+    # Rank 0's bar, scaled by the number of processes: an estimate of the whole run's progress.
+    progress = tqdm(total=made, unit="img", unit_scale=world_size if world_size > 1 else False,
+                    disable=rank != 0, dynamic_ncols=True, desc=f"sampling ({world_size} × rank 0)")
+    for start, end in batches:
+        images, labels = sample_batch(start, end)
+        if png_dir is not None:
+            save_pngs(images, start, png_dir)
+        store.write(start, images, labels)  # after the PNGs: a finished shard implies its PNGs
+        progress.update(end - start)
+    progress.close()
+    return made
+
+
+def sample(args, settings, rank, world_size, device):
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
+        torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
+    sample_batch, loaded, record = build(args, settings, device)
     npz_path = output_path(args, settings, loaded)
     settings_path = npz_path.with_suffix(".json")
     check_settings(settings_path, record)
@@ -205,49 +229,35 @@ def sample(args, settings, rank, world_size, device):
         if rank == 0:
             print(f"{npz_path} is already complete")
         return {"npz": npz_path, "settings": record, "made": 0}
+
     store = ShardStore(npz_path.with_suffix(".work"))
     store.check_settings(record)
+    png_dir = npz_path.with_suffix("") if args.save_png else None
     if rank == 0:
         for note in loaded.notes:
             print(f"{args.ckpt}: {note}")
-        print(f"decoder: {decoder.name} ({decoder.source})")
+        print(f"decoder: {sample_batch.decoder.name} ({sample_batch.decoder.source})")
         print(json.dumps(record, indent=1))
         store.prepare(record)
-    png_dir = npz_path.with_suffix("")
-    if args.save_png:
-        png_dir.mkdir(parents=True, exist_ok=True)
+        if png_dir is not None:
+            png_dir.mkdir(parents=True, exist_ok=True)
     barrier()
     batches = plan_batches(store.finished(settings["num_samples"]), settings["per_proc_batch_size"])
     barrier()  # every process has listed the finished shards before any writes a new one
 
-    model.to(device)
-    sample_shape = (loaded.model.in_channels, loaded.model.input_size, loaded.model.input_size)
-    autocast = device.type == "cuda" and args.mixed_precision == "bf16"
-    sample_batch = BatchSampler(model, sample_shape, objective, decoder, settings, device, autocast)
     # Batches are global index ranges dealt round-robin, so the images do not depend on world_size.
-    mine = batches[rank::world_size]
-    made = sum(end - start for start, end in mine)
-    # Rank 0's bar, scaled by the number of processes: an estimate of the whole run's progress.
-    progress = tqdm(total=made, unit="img", unit_scale=world_size if world_size > 1 else False,
-                    disable=rank != 0, dynamic_ncols=True, desc=f"sampling ({world_size} × rank 0)")
     start_time = time.perf_counter()
-    for start, end in mine:
-        images, labels = sample_batch(start, end)
-        if args.save_png:
-            save_pngs(images, start, png_dir)
-        store.write(start, images, labels)  # after the PNGs: a finished shard implies its PNGs
-        progress.update(end - start)
-    progress.close()
+    made = run_batches(sample_batch, batches[rank::world_size], store, png_dir, rank, world_size)
     barrier()
     seconds = time.perf_counter() - start_time
     made = int(sum_over_processes(made, device))
-
     if rank == 0:
         store.assemble(settings["num_samples"], npz_path)
         write_settings(settings_path, record)
         store.remove()
+        processes = f"{world_size} process{'es' if world_size > 1 else ''}"
         print(f"sampled {made} images in {seconds:.1f} s: {made / max(seconds, 1e-9):.2f} images/s "
-              f"over {world_size} process{'es' if world_size > 1 else ''} ({device.type})")
+              f"over {processes} ({device.type})")
         print(f"wrote {npz_path} ({settings['num_samples']} images)")
     barrier()
     return {"npz": npz_path, "settings": record, "made": made, "seconds": seconds}
