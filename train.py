@@ -21,6 +21,7 @@ import sra
 from diffusion import create_objective
 from preprocessing.dataset import LatentDataset, make_loader, sample_model_input
 from training.checkpoints import checkpoint_path, load_latest, prune, save_atomic
+from training.fid import InTrainingFID
 from training.metrics import MetricsLogger
 from training.samples import grid_inputs, save_sample_grid
 
@@ -28,6 +29,7 @@ from training.samples import grid_inputs, save_sample_grid
 RESUMABLE_CHANGES = {
     "max_steps", "log_every", "ckpt_every", "keep_last", "milestone_every", "sample_every",
     "sample_grid_size", "sample_steps", "num_workers", "wandb", "tensorboard", "compile", "vae",
+    "eval_every", "eval_ref", "eval_samples", "eval_batch_size", "eval_steps",
 }
 
 
@@ -84,6 +86,11 @@ def parse_args(argv=None):
     flag("--sample-grid-size", type=int)
     flag("--sample-steps", type=int)
     flag("--vae", help="VAE for decoding sample grids (default: the dataset's)")
+    flag("--eval-every", type=int, help="FID-K of the EMA every N steps (0: never)")
+    flag("--eval-ref", help="reference statistics .npz (evaluations.evaluator --save-ref-stats)")
+    flag("--eval-samples", type=int, help="K, images per FID-K evaluation over all processes")
+    flag("--eval-batch-size", type=int, help="FID-K sampling batch per process")
+    flag("--eval-steps", type=int, help="sampling steps of the FID-K samples")
     flag("--wandb", choices=on_off)
     flag("--tensorboard", choices=on_off)
     args = parser.parse_args(argv)
@@ -110,6 +117,8 @@ def finalize_config(config, dataset, world_size):
         for key in ("student_depth", "teacher_depth"):
             if not 1 <= config[key] <= depth:
                 raise ValueError(f"--{key.replace('_', '-')} {config[key]} is outside the model's 1..{depth} blocks")
+    if config["eval_every"] and not config["eval_ref"]:
+        raise ValueError("--eval-every needs --eval-ref (reference statistics from evaluations.evaluator)")
     per_step = world_size * config["grad_accum_steps"]
     if config["global_batch_size"] % per_step:
         raise ValueError(
@@ -346,11 +355,15 @@ def main(argv=None):
         num_workers=config["num_workers"],
     )
     logger = None
-    decode = grid_z = grid_y = None
+    grid_z = grid_y = fid = None
+    needs_decoder = config["sample_every"] or config["eval_every"]
+    decode = make_decoder(dataset.meta, config["vae"], device) if needs_decoder else None
+    if config["eval_every"]:
+        fid = InTrainingFID(config["eval_ref"], config["eval_samples"], config["eval_batch_size"],
+                            config["eval_steps"], dataset.meta["sample_shape"], config["num_classes"], accelerator)
     if accelerator.is_main_process:
         logger = MetricsLogger(run_dir, config, start_step, config["tensorboard"], config["wandb"])
         if config["sample_every"]:
-            decode = make_decoder(dataset.meta, config["vae"], device)
             grid_z, grid_y = grid_inputs(config["sample_grid_size"], dataset.meta["sample_shape"],
                                          config["num_classes"], device)
 
@@ -398,6 +411,11 @@ def main(argv=None):
                 save_sample_grid(ema.model, objective, decode, grid_z, grid_y,
                                  run_dir / f"samples_{step:07d}.png", config["sample_steps"])
             accelerator.wait_for_everyone()
+        if fid is not None and (step % config["eval_every"] == 0 or step == config["max_steps"]):
+            value = fid(ema.model, objective, decode)
+            if logger is not None:
+                logger.log(step, {f"fid{config['eval_samples']}": value})
+                progress.write(f"step {step}: FID-{config['eval_samples']} {value:.2f}")
     progress.close()
     if logger is not None:
         logger.close()

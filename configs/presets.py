@@ -61,6 +61,11 @@ DEFAULTS = {
     "sample_grid_size": 16,
     "sample_steps": 50,
     "vae": None,  # decoder for sample grids; default: the dataset's VAE
+    "eval_every": 0,  # FID-K of the EMA every N steps (0: never)
+    "eval_ref": None,  # reference statistics (.npz with mu, sigma, mu_s, sigma_s)
+    "eval_samples": 10_000,  # K
+    "eval_batch_size": 125,  # per process
+    "eval_steps": 50,  # sampling steps of the FID-K samples (the default sampler, no guidance)
     "wandb": False,
     "tensorboard": True,
 }

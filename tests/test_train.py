@@ -112,3 +112,31 @@ def test_two_processes_hold_identical_parameters(tmp_path, data_dir):
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert not torch.equal(rank0["head.linear2.weight"], torch.zeros_like(rank0["head.linear2.weight"]))
+
+
+def test_fid_during_training(tmp_path, data_dir, monkeypatch):
+    from evaluations import InceptionFeatures, save_statistics
+    from evaluations.features import Activations
+
+    images = torch.randint(0, 256, (6, 8, 8, 3), dtype=torch.uint8)
+    pool, spatial = InceptionFeatures.load()(images)
+    reference = tmp_path / "ref.npz"
+    save_statistics(reference, Activations(pool.numpy(), spatial.numpy()).statistics())
+    with pytest.raises(ValueError, match="--eval-every needs --eval-ref"):
+        run(tmp_path, data_dir, "--eval-every", "2")
+    # The Fréchet arithmetic is tested in test_evaluations; its 2048×2048 sqrtm takes a minute on
+    # 2 cores, so this test checks what reaches it.
+    seen = []
+
+    def spy(features, statistics):
+        seen.append((features, statistics))
+        return 12.5
+
+    monkeypatch.setattr("training.fid.fid_against_reference", spy)
+    run(tmp_path, data_dir, "--max-steps", "2", "--sample-every", "0", "--eval-every", "2", "--eval-ref",
+        str(reference), "--eval-samples", "4", "--eval-batch-size", "2", "--eval-steps", "2")
+    (features, statistics), = seen
+    assert features.shape == (4, 2048) and torch.isfinite(features).all()
+    assert np.array_equal(statistics.pool.mu, pool.numpy().mean(axis=0))
+    lines = [json.loads(x) for x in (tmp_path / "debug" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1] == {"step": 2, "fid4": 12.5}

@@ -1,0 +1,49 @@
+"""FID-K of the EMA model during training (`--eval-every`), with the ADM Inception features.
+
+Every process samples its share of the K images, always from the same noise and labels, so FID-K
+curves compare across steps and runs; the pool features are gathered and the main process computes
+FID against saved reference statistics (`python -m evaluations.evaluator REF --save-ref-stats OUT`).
+"""
+import torch
+
+from evaluations import InceptionFeatures, fid_against_reference, images_to_uint8, load_reference_statistics
+from models import guided_model_fn
+
+EVAL_SEED = 1  # noise and labels of the FID-K samples (distinct from the sample grids' seed)
+
+
+class InTrainingFID:
+    def __init__(self, reference_path, num_samples, batch_size, num_steps, sample_shape, num_classes,
+                 accelerator):
+        if num_samples % accelerator.num_processes:
+            raise ValueError(
+                f"--eval-samples {num_samples} is not divisible by {accelerator.num_processes} processes"
+            )
+        self.reference = load_reference_statistics(reference_path)  # fails before any training step
+        self.features = InceptionFeatures.load(accelerator.device)
+        self.accelerator = accelerator
+        self.batch_size, self.num_steps = batch_size, num_steps
+        self.sample_shape, self.num_classes = tuple(sample_shape), num_classes
+        self.share = num_samples // accelerator.num_processes
+
+    def _inputs(self):
+        """This process's noise and labels: (share, C, H, W), (share,), the same at every evaluation."""
+        generator = torch.Generator().manual_seed(EVAL_SEED * 1_000_003 + self.accelerator.process_index)
+        z = torch.randn(self.share, *self.sample_shape, generator=generator)
+        y = torch.randint(0, self.num_classes, (self.share,), generator=generator)
+        return z, y
+
+    @torch.no_grad()
+    def __call__(self, model, objective, decode):
+        """FID-K on the main process (None elsewhere); every process must call it."""
+        device = self.accelerator.device
+        pools = []
+        for z, y in zip(*(part.split(self.batch_size) for part in self._inputs())):
+            z, y = z.to(device), y.to(device)
+            samples = objective.sample(guided_model_fn(model, y), z, num_steps=self.num_steps)
+            pool, _ = self.features(images_to_uint8(decode(samples).clamp(-1, 1)))
+            pools.append(pool)
+        pool = self.accelerator.gather(torch.cat(pools))  # (K, 2048)
+        if not self.accelerator.is_main_process:
+            return None
+        return fid_against_reference(pool, self.reference)
