@@ -4,9 +4,10 @@
         --preset sit-xl2-sra-256-cfg
     python sample_ddp.py --ckpt DiT-XL-2-256x256.pt --model DiT-XL/2 --num-samples 1000   # one process
 
-Each sample's noise and label depend on (--seed, its index) only, so the images do not depend on the
-number of processes. Rerunning the same command after an interruption resumes: finished batches are
-kept and the final file is identical to an uninterrupted run's.
+Each sample's noise (the initial noise and a stochastic sampler's) and label depend on (--seed, its
+index) only, so the images do not depend on the number of processes or the batch size. Rerunning the
+same command after an interruption resumes: finished batches are kept and the final file is identical
+to an uninterrupted run's.
 """
 import argparse
 import json
@@ -30,7 +31,6 @@ from sampling import (
     check_settings,
     checkpoint_config,
     close_distributed,
-    draws_noise,
     init_distributed,
     load_decoder,
     load_model,
@@ -139,9 +139,6 @@ def image_settings(args, settings, loaded, decoder, image_size, device) -> dict:
         record[key] = settings[key]
     if settings["sampler"] == "ddim":
         record["ddim_eta"] = settings["ddim_eta"]
-    if draws_noise(settings["sampler"], settings["ddim_eta"]):
-        # The sampler's own noise is drawn per batch (sampling.seeds.sampler_generator).
-        record["per_proc_batch_size"] = settings["per_proc_batch_size"]
     return record
 
 

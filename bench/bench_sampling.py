@@ -3,7 +3,8 @@ interval (models.guided_model_fn, what sample_ddp.py runs) against computing bot
 step and mixing them only inside it (the public SiT/REPA/SRA samplers), in the same run.
 
 Times the model and the sampler only: no VAE decoding (the GPU image has no diffusers), initialized
-(not trained) weights, which cost the same. Also times the per-index noise of sampling/seeds.py.
+(not trained) weights, which cost the same. The SDE draws its noise from one generator per sample, as
+in sample_ddp.py. Also times the per-index initial noise of sampling/seeds.py.
 
     python bench/bench_sampling.py                                        # CPU: small SiT, few steps
     python bench/bench_sampling.py --model SiT-XL/2 --batch-size 256 --steps 250 --device cuda --bf16
@@ -20,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
-from sampling.seeds import initial_noise  # noqa: E402
+from sampling.seeds import initial_noise, sampler_generators  # noqa: E402
 from transport import FlowObjective  # noqa: E402
 
 GUIDANCE_INTERVAL = (0.0, 0.7)  # SRA's 256 px evaluation (SPEC §5)
@@ -61,11 +62,13 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def sample_seconds(model_fn, objective, z, steps, generator, autocast, device):
+def sample_seconds(model_fn, objective, z, steps, autocast, device):
+    """One batch as sample_ddp.py samples it: one SDE noise generator per sample."""
+    generators = sampler_generators(0, range(len(z)), device)
     synchronize(device)
     start = time.perf_counter()
     with torch.no_grad(), autocast():
-        objective.sample(model_fn, z, num_steps=steps, generator=generator)
+        objective.sample(model_fn, z, num_steps=steps, generator=generators)
     synchronize(device)
     return time.perf_counter() - start
 
@@ -105,13 +108,12 @@ def main(argv=None):
         "both halves at every step (public samplers)": both_halves_model_fn(
             model, y, args.cfg_scale, interval),
     }
-    generator = torch.Generator(device).manual_seed(0)
     for model_fn in model_fns.values():  # warm-up: kernel selection, allocator, caches
-        sample_seconds(model_fn, objective, z, WARMUP_STEPS, generator, autocast, device)
+        sample_seconds(model_fn, objective, z, WARMUP_STEPS, autocast, device)
     seconds = dict.fromkeys(model_fns, 0.0)
     for _ in range(args.num_batches):  # alternate, so drifts in clock or load hit both alike
         for name, model_fn in model_fns.items():
-            seconds[name] += sample_seconds(model_fn, objective, z, args.steps, generator, autocast, device)
+            seconds[name] += sample_seconds(model_fn, objective, z, args.steps, autocast, device)
     images = args.batch_size * args.num_batches
     rates = {name: images / value for name, value in seconds.items()}
     for name, rate in rates.items():

@@ -10,12 +10,11 @@ from .pipeline import (
     build_objective,
     check_compatible,
     checkpoint_config,
-    draws_noise,
     load_decoder,
     load_model,
 )
 from .presets import DEFAULTS, FID_NUM_SAMPLES, PRESET_NAMES, PRESETS, resolve
-from .seeds import ClassLabels, derived_seed, initial_noise, sampler_generator
+from .seeds import ClassLabels, derived_seed, initial_noise, sampler_generators
 from .shards import ShardStore, check_settings, plan_batches, write_settings
 
 __all__ = [
@@ -37,7 +36,6 @@ __all__ = [
     "checkpoint_config",
     "close_distributed",
     "derived_seed",
-    "draws_noise",
     "init_distributed",
     "initial_noise",
     "load_decoder",
@@ -45,7 +43,7 @@ __all__ = [
     "plan_batches",
     "png_name",
     "resolve",
-    "sampler_generator",
+    "sampler_generators",
     "save_pngs",
     "sum_over_processes",
     "to_uint8",

@@ -12,7 +12,7 @@ import torch
 import models
 from diffusion import create_objective
 from sampling.images import to_uint8
-from sampling.seeds import ClassLabels, initial_noise, sampler_generator
+from sampling.seeds import ClassLabels, initial_noise, sampler_generators
 from transport import ReversedTime
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # SPEC §4: the decoder of the DiT, SiT, REPA and SRA evaluations
@@ -114,12 +114,6 @@ def check_compatible(backbone, decoder: Decoder, image_size: int | None, cfg_sca
     return produced
 
 
-def draws_noise(sampler: str, ddim_eta: float) -> bool:
-    """Whether the sampler adds noise while it integrates (then its samples depend on the batch
-    boundaries, see sampling.seeds.sampler_generator)."""
-    return sampler in ("sde", "ddpm") or (sampler == "ddim" and ddim_eta > 0)
-
-
 class BatchSampler:
     """Images of the global indices [start, end): noise and labels from the seed and the indices,
     the objective's sampler under CFG, the decoder, uint8 rounding."""
@@ -143,11 +137,11 @@ class BatchSampler:
             self.model, y.to(self.device), scale=s["cfg_scale"], interval=tuple(s["guidance_interval"]),
             guide_channels=CFG_CHANNELS[s["cfg_channels"]],
         )
-        generator = sampler_generator(s["seed"], start, end, self.device)
+        generators = sampler_generators(s["seed"], indices, self.device)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
         with autocast:
             x0 = self.objective.sample(model_fn, z, method=s["sampler"], num_steps=s["num_steps"],
-                                       generator=generator, **self.sampler_options)
+                                       generator=generators, **self.sampler_options)
         # The decoder runs in float32, as in the DiT and REPA scripts; chunks bound its memory.
         images = torch.cat([self.decoder.decode(chunk) for chunk in x0.split(s["vae_batch_size"])])
         return to_uint8(images, s["rounding"]), y.numpy()

@@ -12,7 +12,7 @@ import torch
 NOISE_STREAM = 0  # the initial noise z of sample i
 LABEL_STREAM = 1  # the uniform class label of sample i
 BALANCED_STREAM = 2  # the one permutation behind --balanced-classes
-SAMPLER_STREAM = 3  # the noise a stochastic sampler draws inside a batch (see `sampler_generator`)
+SAMPLER_STREAM = 3  # the noise a stochastic sampler adds to sample i while it integrates
 
 
 def derived_seed(seed: int, stream: int, *keys: int) -> int:
@@ -58,9 +58,10 @@ class ClassLabels:
         ])
 
 
-def sampler_generator(seed: int, start: int, end: int, device) -> torch.Generator:
-    """The generator of the noise a stochastic sampler (SDE, DDPM, DDIM with eta > 0) draws while it
-    integrates the batch of indices [start, end). The samplers of diffusion/ and transport/ draw that
-    noise for the whole batch from one generator, so these samples depend on the batch boundaries:
-    on --per-proc-batch-size, but not on the number of processes (batches are global index ranges)."""
-    return torch.Generator(device=device).manual_seed(derived_seed(seed, SAMPLER_STREAM, start, end))
+def sampler_generators(seed: int, indices, device) -> list[torch.Generator]:
+    """One generator per sample, on `device`, for the noise a stochastic sampler (SDE, DDPM, DDIM with
+    eta > 0) adds while it integrates: the samplers draw sample i's noise from generator i, so it too
+    depends on (seed, index) only. The price: N small randn calls per step instead of one
+    (bench/bench_sampling.py samples with these generators, so its images/s include it)."""
+    return [torch.Generator(device=device).manual_seed(derived_seed(seed, SAMPLER_STREAM, index))
+            for index in indices]

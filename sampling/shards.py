@@ -143,8 +143,7 @@ class ShardStore:
 
 
 def plan_batches(finished: np.ndarray, batch_size: int) -> list[tuple[int, int]]:
-    """The missing indices as [start, end) ranges of at most batch_size, in index order. A run cut
-    short leaves whole batches behind, so a rerun with the same batch size finds the same ranges."""
+    """The missing indices as contiguous [start, end) ranges of at most batch_size, in index order."""
     if batch_size < 1:
         raise ValueError(f"the batch size must be >= 1, got {batch_size}")
     missing = np.flatnonzero(~finished)
