@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-# The two conventions differ by half a grey level, which moves FID measurably at the 1.x level.
+# The two conventions differ by half a grey level: compare FIDs computed with the same one.
 ROUNDINGS = {
     "nearest": "DiT/SiT sample_ddp.py: clamp(127.5·x + 128, 0, 255) truncated, i.e. 127.5·(x + 1) rounded",
     "floor": "REPA/SRA generate.py: clamp(255·(x + 1)/2, 0, 255) truncated",
