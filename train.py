@@ -219,7 +219,6 @@ def save_checkpoint(run_dir, step, config, student, ema, optimizer, scaler, coun
     rng_states = gather_objects(rng_state(accelerator.device))  # every process takes part
     if not accelerator.is_main_process:
         return
-    student = accelerator.unwrap_model(student)
     state = {
         "format": models.CHECKPOINT_FORMAT,
         "meta": models.checkpoint_metadata(student.backbone, time_convention(config)),
@@ -258,7 +257,7 @@ def restore(state, student, ema, optimizer, scaler, accelerator):
 
 # --- the step ----------------------------------------------------------------------------------
 
-def train_step(batches, meta, loss_fn, student, teacher_model, optimizer, scaler, config, weight, accelerator):
+def train_step(batches, meta, loss_fn, trained, teacher_model, optimizer, scaler, config, weight, accelerator):
     """One optimizer step over `grad_accum_steps` micro-batches. Returns device tensors only (no host
     sync): the loss terms, the grad norm and whether the step was applied (all gradients finite)."""
     accum = config["grad_accum_steps"]
@@ -267,15 +266,15 @@ def train_step(batches, meta, loss_fn, student, teacher_model, optimizer, scaler
         x0 = sample_model_input(x.to(accelerator.device, non_blocking=True), meta)
         y = y.to(accelerator.device, non_blocking=True)
         # Gradients are all-reduced only on the last micro-batch.
-        sync = contextlib.nullcontext() if index == accum - 1 else accelerator.no_sync(student)
+        sync = contextlib.nullcontext() if index == accum - 1 else accelerator.no_sync(trained)
         with sync, accelerator.autocast():
-            terms = loss_fn(student, teacher_model, x0, y, weight)
+            terms = loss_fn(trained, teacher_model, x0, y, weight)
             accelerator.backward(terms["loss"] / accum)
         detached = torch.stack([terms["loss"].detach(), terms["gen"], terms["align"]]) / accum
         totals = detached if totals is None else totals + detached
     if scaler is not None:
         scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config["max_grad_norm"])
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), config["max_grad_norm"])
     finite = torch.isfinite(grad_norm)
     if scaler is not None:
         scaler.step(optimizer)  # the scaler skips non-finite steps itself
@@ -320,15 +319,19 @@ def main(argv=None):
     if args.dry_run:
         return {"config": config}
 
-    # Model, teacher, optimizer.
-    torch.manual_seed(config["seed"] * accelerator.num_processes + accelerator.process_index)
+    # Model, teacher, optimizer. Every process initializes the same weights (the EMA copy is taken
+    # before data parallelism would broadcast them), then draws its own training noise.
+    torch.manual_seed(config["seed"])
     backbone = build_model(config)
     head = sra.ProjectionHead(backbone.hidden_size) if config["sra"] == "on" else None
     student = sra.Student(backbone, head, config["student_depth"] if head is not None else None)
     ema = sra.EMATeacher(backbone, config["ema_decay"])
+    torch.manual_seed(config["seed"] * accelerator.num_processes + accelerator.process_index)
     objective = build_objective(config)
     loss_fn = build_loss(config, objective)
-    student = accelerator.prepare_model(student)
+    # `trained` is what runs the step (data-parallel, maybe compiled); `student` is the plain module
+    # that shares its parameters, used for the EMA update and checkpoints.
+    trained = accelerator.prepare_model(student)
     ema.model.to(device)
     optimizer = torch.optim.AdamW(
         student.parameters(), lr=config["lr"], betas=(config["adam_beta1"], config["adam_beta2"]),
@@ -338,14 +341,14 @@ def main(argv=None):
     start_step = 0
     counters = {"nonfinite_total": torch.zeros((), device=device), "nonfinite_run": torch.zeros((), device=device)}
     if state is not None:
-        restore(state, accelerator.unwrap_model(student), ema, optimizer, scaler, accelerator)
+        restore(state, student, ema, optimizer, scaler, accelerator)
         start_step = state["step"]
         counters = {key: torch.tensor(float(value), device=device) for key, value in state["counters"].items()}
         accelerator.print(f"resumed from {state_path} at step {start_step}")
     del state
     teacher_model = ema.model
     if config["compile"]:
-        student = torch.compile(student)
+        trained = torch.compile(trained)
         teacher_model.forward_features = torch.compile(teacher_model.forward_features)
 
     loader = make_loader(
@@ -372,7 +375,7 @@ def main(argv=None):
     window_start, window_steps = time.perf_counter(), 0
     progress = tqdm(total=config["max_steps"], initial=start_step, disable=not accelerator.is_main_process,
                     dynamic_ncols=True)
-    student.train()
+    trained.train()
     for step in range(start_step + 1, config["max_steps"] + 1):
         weight = sra.align_weight(
             step - 1, config["align_weight_schedule"], config["align_weight"], config["steps_per_epoch"],
@@ -380,9 +383,9 @@ def main(argv=None):
         )
         batches = micro_batches(loader, config["grad_accum_steps"])
         totals, grad_norm, finite = train_step(
-            batches, dataset.meta, loss_fn, student, teacher_model, optimizer, scaler, config, weight, accelerator
+            batches, dataset.meta, loss_fn, trained, teacher_model, optimizer, scaler, config, weight, accelerator
         )
-        ema.update(accelerator.unwrap_model(student).backbone, apply=finite)
+        ema.update(student.backbone, apply=finite)
         skipped = (~finite).float()
         counters["nonfinite_total"] += skipped
         counters["nonfinite_run"] = (counters["nonfinite_run"] + 1) * skipped
@@ -420,7 +423,7 @@ def main(argv=None):
     if logger is not None:
         logger.close()
     accelerator.end_training()
-    return {"config": config, "student": accelerator.unwrap_model(student), "ema": ema}
+    return {"config": config, "student": student, "ema": ema}
 
 
 def log_window(means, grad_norm, counters, steps, start, config, accelerator, weight):

@@ -99,7 +99,8 @@ def test_two_processes_hold_identical_parameters(tmp_path, data_dir):
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "import train\n"
         "out = train.main(sys.argv[2:])\n"
-        "torch.save(out['student'].state_dict(), f'{sys.argv[1]}/rank{os.environ[\"RANK\"]}.pt')\n"
+        "state = {**out['student'].state_dict(), **{'ema.' + k: v for k, v in out['ema'].state_dict().items()}}\n"
+        "torch.save(state, f'{sys.argv[1]}/rank{os.environ[\"RANK\"]}.pt')\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
