@@ -38,7 +38,9 @@ class FullDepthTeacher:
         self.model, self.fp32 = model, fp32
 
     def forward_features(self, x, t, y, depth):
-        with torch.autocast(x.device.type, enabled=not self.fp32):
+        if not self.fp32:  # the training step's own autocast applies
+            return self.model.forward_with_features(x, t, y, depth)[1]
+        with torch.autocast(x.device.type, enabled=False):
             return self.model.forward_with_features(x.float(), t, y, depth)[1]
 
 
