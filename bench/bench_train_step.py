@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
 import sra  # noqa: E402
 from diffusion import create_objective  # noqa: E402
-from train import train_step  # noqa: E402
+from training.step import train_step  # noqa: E402
 
 VARIANTS = ("baseline", "sra", "sra-full", "sra-full-fp32")
 PIXEL_META = {"kind": "pixels"}  # the bench feeds ready model inputs: no latent sampling
@@ -125,10 +125,6 @@ def measure(variant, args):
     }
     if torch.device(args.device).type == "cuda":
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    del student, ema, teacher, optimizer
-    gc.collect()
-    if torch.device(args.device).type == "cuda":
-        torch.cuda.empty_cache()
     return result
 
 
@@ -151,7 +147,12 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
-    results = [measure(variant, args) for variant in args.variants]
+    results = []
+    for variant in args.variants:
+        results.append(measure(variant, args))
+        gc.collect()  # the last variant's model and optimizer are gone before the next is built
+        if torch.device(args.device).type == "cuda":
+            torch.cuda.empty_cache()
     baseline = next((r for r in results if r["variant"] == "baseline"), None)
     setting = (
         f"{args.model} input {args.input_size} batch {args.batch_size} {args.precision} "
