@@ -62,9 +62,6 @@ def parse_args(argv):
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     args.checkpoints = parse_checkpoints(args.ckpt, parser)
-    for flag in ("max_train_samples", "max_val_samples"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 2:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 2")
     return args
 
 

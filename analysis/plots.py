@@ -6,6 +6,7 @@ from matplotlib.figure import Figure
 
 WEIGHT_LABELS = {"ema": "EMA teacher", "model": "online student"}
 LINE_STYLES = ("-", "--", ":", "-.")  # one per compared checkpoint, cycled
+MARKERS = ("o", "s", "^", "D")  # likewise, so overlapping lines stay apart
 COLORMAP = "viridis"  # noise levels from clean (dark) to noisy (light)
 PANEL_INCHES = (4.5, 3.4)  # width, height of one accuracy panel
 PICTURE_INCHES = 1.3  # side of one PCA picture
@@ -67,9 +68,10 @@ def plot_comparison(rows, checkpoints, path, chance: float):
         _accuracy_axes(axes, weight, blocks, chance)
         for index, checkpoint in enumerate(checkpoints):
             style = LINE_STYLES[index % len(LINE_STYLES)]
+            marker = MARKERS[index % len(MARKERS)]
             for t in noise_levels:
-                axes.plot(*_series(rows, checkpoint, weight, t), marker="o", linestyle=style, color=colors[t],
-                          label=f"{checkpoint}, t = {t:g}")
+                axes.plot(*_series(rows, checkpoint, weight, t), linestyle=style, marker=marker,
+                          color=colors[t], label=f"{checkpoint}, t = {t:g}")
         axes.legend(fontsize="x-small")
     figure.suptitle(" vs ".join(checkpoints))
     figure.savefig(path)

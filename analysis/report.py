@@ -35,6 +35,7 @@ WEIGHTS = ("ema", "model")  # the SRA teacher and the online student (SPEC §3)
 VAL_FRACTION = 0.1  # held-out share of --data-dir when there is no --val-dir (a choice)
 EXTRACT_BATCH_SIZE = 64  # images per feature forward; changes memory and speed, never the features
 PCA_IMAGES = 2  # images in pca.png
+MIN_SPLIT_SAMPLES = 2  # the probe's BatchNorm needs two rows
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")  # checkpoint names become file names
 CSV_COLUMNS = ("checkpoint", "weights", "block", "t", "top1", "train_top1", "train_samples", "val_samples")
 
@@ -67,18 +68,21 @@ def make_split(data_dir, val_dir=None, val_fraction=VAL_FRACTION, seed=0, max_tr
         val = LatentDataset(val_dir)
         train_indices, val_indices = np.arange(len(train)), np.arange(len(val))
     else:
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"--val-fraction must lie in (0, 1), got {val_fraction}")
         val = train
         val_count = round(len(train) * val_fraction)
-        if not 0 < val_count < len(train):
-            raise ValueError(f"--val-fraction {val_fraction} of {len(train)} samples leaves an empty side; "
-                             "change it or pass --val-dir")
         order = np.random.default_rng(seed).permutation(len(train))
         train_indices, val_indices = order[val_count:], order[:val_count]
     if any(train.meta[key] != val.meta[key] for key in ("num_classes", "sample_shape", "kind")):
         raise ValueError(f"{data_dir} and {val_dir} differ in classes, sample shape or kind")
     rng = np.random.default_rng([seed, 1])
-    return Split(train, _subset(train_indices, max_train_samples, rng),
-                 val, _subset(val_indices, max_val_samples, rng))
+    split = Split(train, _subset(train_indices, max_train_samples, rng),
+                  val, _subset(val_indices, max_val_samples, rng))
+    if min(len(split.train_indices), len(split.val_indices)) < MIN_SPLIT_SAMPLES:
+        raise ValueError(f"the split has {len(split.train_indices)} train and {len(split.val_indices)} val "
+                         f"samples; each side needs at least {MIN_SPLIT_SAMPLES}")
+    return split
 
 
 def _subset(indices, limit, rng) -> np.ndarray:
@@ -159,6 +163,11 @@ def _probe_rows(name, weights, train_features, val_features, train_labels, val_l
     return rows
 
 
+def _checkpoint_settings(feature_model: FeatureModel, path) -> dict:
+    return {"path": str(path), "model": feature_model.name, "time_convention": feature_model.time_convention,
+            "notes": feature_model.notes}
+
+
 def _write_table(rows, settings, output_dir):
     with open(output_dir / "probe.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
@@ -231,9 +240,7 @@ def run_probe(checkpoints: dict, output_dir, *, blocks, times, data_dir=None, va
         feature_model.model.to("cpu")
 
     settings = {
-        "checkpoints": {name: {"path": str(path), "model": feature_models[name, weights[0]].name,
-                               "time_convention": feature_models[name, weights[0]].time_convention,
-                               "notes": feature_models[name, weights[0]].notes}
+        "checkpoints": {name: _checkpoint_settings(feature_models[name, weights[0]], path)
                         for name, path in checkpoints.items()},
         "data_dir": str(data_dir), "val_dir": None if val_dir is None else str(val_dir),
         "val_fraction": None if val_dir is not None else val_fraction, "num_classes": num_classes,

@@ -255,6 +255,10 @@ def test_bad_requests_fail_before_any_work(tmp_path, data_dir, checkpoint):
         analysis_main([*base, "--blocks", "4", "--times", "0"])
     with pytest.raises(ValueError, match=r"noise levels must be distinct values in \[0, 1\]"):
         analysis_main([*base, "--blocks", "1", "--times", "1.5"])
+    with pytest.raises(ValueError, match=r"--val-fraction must lie in \(0, 1\), got 1.5"):
+        analysis_main([*base, "--blocks", "1", "--times", "0", "--val-fraction", "1.5"])
+    with pytest.raises(ValueError, match="the split has 1 train and 26 val samples"):
+        analysis_main([*base, "--blocks", "1", "--times", "0", "--max-train-samples", "1"])
     teacher_only = tmp_path / "teacher_only.pt"
     state = torch.load(checkpoint, weights_only=True)
     del state["model"]
