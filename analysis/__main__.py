@@ -6,7 +6,6 @@ probe_<name>.png, compare.png (two or more checkpoints) and pca.png. Extracted f
 under DIR/features; rerunning the same command reuses them and resumes an interrupted extraction.
 """
 import argparse
-import sys
 
 from analysis.features import PRECISIONS
 from analysis.probe import PROBE_BATCH_SIZE, PROBE_EPOCHS, PROBE_LR, PROBE_WEIGHT_DECAY, ProbeConfig
@@ -82,4 +81,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()
