@@ -6,7 +6,7 @@ Variants, all with the same model, batch, precision and optimizer, through train
   sra-full        teacher runs every block and the final layer (what the release computes)
   sra-full-fp32   as sra-full, and in fp32 (the release's teacher exactly)
 
-    python bench/bench_train_step.py --model SiT-S/2 --input-size 16 --batch-size 8      # CPU, fp32
+    python bench/bench_train_step.py --model SiT-S/2 --input-size 16 --batch-size 8 --rounds 5   # CPU, fp32
     python bench/bench_train_step.py --model SiT-XL/2 --batch-size 32 --precision bf16 --compile
 """
 
@@ -89,7 +89,8 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def measure(variant, args):
+def make_stepper(variant, args):
+    """A function that runs one full training step of `variant`, and its block pair."""
     student, ema, teacher, loss_fn, optimizer, pair = build(variant, args)
     accelerator = BenchAccelerator(args.device, args.precision)
     generator = torch.Generator().manual_seed(0)
@@ -104,28 +105,52 @@ def measure(variant, args):
         )
         ema.update(base.backbone, apply=finite)
 
-    compile_start = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-    synchronize(args.device)
-    warmup_s = time.perf_counter() - compile_start
-    if torch.device(args.device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    return step, pair
+
+
+def timed(step, count, device):
+    """Seconds of each of `count` steps, the device synchronized after each."""
     times = []
-    for _ in range(args.steps):
+    for _ in range(count):
         start = time.perf_counter()
         step()
-        synchronize(args.device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
-    result = {
-        "variant": variant,
-        "median_step_s": statistics.median(times),
-        "warmup_s": warmup_s,
-        "block_pair": pair,
-    }
+    return times
+
+
+def warm_up(step, args):
+    start = time.perf_counter()
+    timed(step, args.warmup, args.device)
+    return time.perf_counter() - start
+
+
+def measure(variant, args):
+    """One variant alone: its step times and its peak memory (GPU)."""
+    step, pair = make_stepper(variant, args)
+    warmup_s = warm_up(step, args)
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = timed(step, args.steps, args.device)
+    result = {"variant": variant, "median_step_s": statistics.median(times), "warmup_s": warmup_s,
+              "block_pair": pair}
     if torch.device(args.device).type == "cuda":
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return result
+
+
+def measure_interleaved(args):
+    """All variants built at once and timed in alternating rounds, so that a load that comes and goes on
+    a shared machine touches every variant alike (no memory numbers: the models share the device)."""
+    steppers = {variant: make_stepper(variant, args) for variant in args.variants}
+    warmup_s = {variant: warm_up(step, args) for variant, (step, _) in steppers.items()}
+    times = {variant: [] for variant in steppers}
+    per_round = max(args.steps // args.rounds, 1)
+    for _ in range(args.rounds):
+        for variant, (step, _) in steppers.items():
+            times[variant] += timed(step, per_round, args.device)
+    return [{"variant": variant, "median_step_s": statistics.median(times[variant]),
+             "warmup_s": warmup_s[variant], "block_pair": steppers[variant][1]} for variant in steppers]
 
 
 def main():
@@ -141,14 +166,16 @@ def main():
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="> 1: build every variant at once and alternate them in rounds (shared CPUs)")
     parser.add_argument("--out", type=Path, help="append the results as JSON lines here")
     args = parser.parse_args()
     if torch.device(args.device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
-    results = []
-    for variant in args.variants:
+    results = measure_interleaved(args) if args.rounds > 1 else []
+    for variant in args.variants if args.rounds == 1 else ():
         results.append(measure(variant, args))
         gc.collect()  # the last variant's model and optimizer are gone before the next is built
         if torch.device(args.device).type == "cuda":
