@@ -1,0 +1,305 @@
+"""python -m demo [--output-dir results/demo] [--steps N] [--samples N] ...   (what `make demo` runs)
+
+The whole pipeline on the built-in shapes dataset (demo/dataset.py), on CPU, in about ten minutes on
+2 cores: data → preprocessing → reference statistics → train the baseline → train SRA → sample both →
+evaluate both → probe both → report.md. Every stage calls one of the project's entry points with the
+arguments of the command it prints (python -m preprocessing, train.py --preset demo, sample_ddp.py,
+python -m evaluations.evaluator, python -m analysis), so the demo is the README's workflow at toy size.
+The two runs share the seed, the data order and the budget; only --sra differs.
+
+Rerunning the same command reuses every finished stage and resumes an interrupted training run from
+its last checkpoint; the output says which.
+"""
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import configs
+import models
+import sample_ddp
+import train
+from analysis.__main__ import main as analyze
+from demo import dataset, report
+from demo.paths import RUNS, DemoPaths
+from evaluations import evaluator
+from evaluations.inception import default_weights_path, verify_weights_file
+from preprocessing.__main__ import main as preprocess
+from training.checkpoints import list_checkpoints
+
+PRESET = configs.PRESETS["demo"]
+DEFAULT_OUTPUT_DIR = "results/demo"  # results/ is git-ignored
+IMAGES_PER_CLASS = 100  # 1,000 training images
+REFERENCE_IMAGES = 150  # held-out images behind FID; Inception runs at ~8 images/s on 2 cores
+SEED = 0  # training seed of both runs, and the sampling seed
+MIN_REFERENCE_IMAGES = 4  # the evaluator's precision/recall needs more than k = 3 reference images
+SAMPLER = "sde"  # the flow objective's default, the one train.py's FID uses: the FIDs compare
+SAMPLE_BATCH_SIZE = 100  # sample_ddp.py images per batch (memory and speed only)
+INCEPTION_BATCH_SIZE = 50  # evaluator images per Inception forward (memory and speed only)
+PROBE_TIMES = (0.0, 0.25, 0.5)  # noise levels, 0 = clean (the paper's Figure 7 probes several)
+PROBE_WEIGHTS = "ema"  # the SRA teacher, also the weights that are sampled
+# The paper's probe trains 80 epochs at batch 4096 on ImageNet; 900 features need smaller batches.
+PROBE_EPOCHS = 40
+PROBE_BATCH_SIZE = 256
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    flag = parser.add_argument
+    flag("--output-dir", default=DEFAULT_OUTPUT_DIR, help="everything the demo writes goes here")
+    flag("--steps", type=int, default=PRESET["max_steps"], help="training steps of each run")
+    flag("--batch-size", type=int, default=PRESET["global_batch_size"], help="images per training step")
+    flag("--fid-every", type=int, help="FID during training every N steps (default: at half of --steps; "
+                                       "0: only the final FID)")
+    flag("--samples", type=int, default=PRESET["eval_samples"], help="N of every FID-N (samples per run)")
+    flag("--reference-images", type=int, default=REFERENCE_IMAGES,
+         help=f"held-out images behind FID, a multiple of {dataset.NUM_CLASSES}")
+    flag("--images-per-class", type=int, default=IMAGES_PER_CLASS, help="training images per class")
+    flag("--sampling-steps", type=int, default=PRESET["eval_steps"], help="SDE steps of every sample")
+    flag("--probe-epochs", type=int, default=PROBE_EPOCHS, help="linear-probe training epochs")
+    flag("--seed", type=int, default=SEED, help="training seed of both runs, and the sampling seed")
+    return parser.parse_args(argv)
+
+
+def resolve_settings(args) -> dict:
+    """Everything that decides the demo's outputs, checked before any work."""
+    settings = {
+        "images_per_class": args.images_per_class, "resolution": dataset.RESOLUTION,
+        "dataset_seed": dataset.DEFAULT_SEED, "steps": args.steps, "batch_size": args.batch_size,
+        "fid_every": args.steps // 2 if args.fid_every is None else args.fid_every,
+        "samples": args.samples, "reference_images": args.reference_images,
+        "sampling_steps": args.sampling_steps, "probe_epochs": args.probe_epochs, "seed": args.seed,
+    }
+    minimums = {"steps": 1, "batch_size": 1, "fid_every": 0, "samples": 2, "sampling_steps": 1,
+                "probe_epochs": 1, "seed": 0, "reference_images": MIN_REFERENCE_IMAGES,
+                "images_per_class": 2}  # the probe holds out 10% of the images: 2 or more
+    for key, minimum in minimums.items():
+        if settings[key] < minimum:
+            flag = f"--{key.replace('_', '-')}"
+            raise SystemExit(f"error: {flag} must be at least {minimum}, got {settings[key]}")
+    if settings["reference_images"] % dataset.NUM_CLASSES:
+        raise SystemExit(f"error: --reference-images must be a multiple of {dataset.NUM_CLASSES} "
+                         f"(the same number per class), got {settings['reference_images']}")
+    return settings
+
+
+def claim_output_dir(paths: DemoPaths, settings: dict) -> None:
+    """Record the settings in a new output directory, or check that an existing one used the same."""
+    if paths.settings.is_file():
+        saved = json.loads(paths.settings.read_text())
+        changed = sorted(key for key in set(saved) | set(settings) if saved.get(key) != settings.get(key))
+        if changed:
+            details = ", ".join(f"{key}: {saved.get(key)} -> {settings.get(key)}" for key in changed)
+            raise SystemExit(f"error: {paths.root} holds a demo made with other settings ({details}); "
+                             "pass another --output-dir, or delete it to start over")
+        return
+    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.settings.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+class Stages:
+    """Numbered stage headers, and each stage's wall time kept in stages.json, so that a rerun which
+    reuses a stage still reports what it cost."""
+
+    def __init__(self, path: Path, count: int):
+        self.path, self.count, self.index = path, count, 0
+        self.seconds = json.loads(path.read_text()) if path.is_file() else {}
+        self.reused = []
+
+    def start(self, title):
+        self.index += 1
+        print(f"\n[{self.index}/{self.count}] {title}", flush=True)
+
+    def reuse(self, name, what):
+        self.reused.append(name)
+        print(f"  reusing {what}", flush=True)
+
+    @contextlib.contextmanager
+    def work(self, name, resumed=False):
+        """Time the block; a resumed stage adds to the time its earlier part took."""
+        start = time.perf_counter()
+        yield
+        earlier = self.seconds.get(name, 0.0) if resumed else 0.0
+        self.seconds[name] = earlier + time.perf_counter() - start
+        self.path.write_text(json.dumps(self.seconds, indent=2) + "\n")
+
+
+def call(command, entry_point, argv):
+    """Print the equivalent shell command, then run the entry point's main in this process."""
+    print(f"  $ {command} {shlex.join(argv)}", flush=True)
+    return entry_point(argv)
+
+
+# --- stages ------------------------------------------------------------------------------------
+
+def make_images(paths: DemoPaths, settings, stages):
+    stages.start(f"data: {dataset.NUM_CLASSES} classes × {settings['images_per_class']} shapes images "
+                 f"({settings['resolution']}×{settings['resolution']}, demo/dataset.py)")
+    if paths.images.is_dir():
+        return stages.reuse("data", paths.images)
+    partial = paths.images.with_name(paths.images.name + ".partial")  # renamed when complete
+    shutil.rmtree(partial, ignore_errors=True)
+    total = dataset.NUM_CLASSES * settings["images_per_class"]
+    with stages.work("data"), tqdm(total=total, desc="drawing", unit="img") as progress:
+        dataset.write_image_folder(partial, settings["images_per_class"], settings["dataset_seed"],
+                                   settings["resolution"], progress=lambda _: progress.update())
+        partial.rename(paths.images)
+
+
+def preprocess_images(paths: DemoPaths, settings, stages):
+    stages.start("preprocessing: the image folder into the training format (pixel space, --vae none)")
+    if paths.dataset_index.is_file():
+        return stages.reuse("preprocessing", paths.dataset)
+    argv = ["--input", str(paths.images), "--output", str(paths.dataset), "--vae", "none",
+            "--resolution", str(settings["resolution"]), "--num-workers", "0"]
+    with stages.work("preprocessing"):
+        call("python -m preprocessing", preprocess, argv)
+
+
+def make_reference(paths: DemoPaths, settings, stages):
+    stages.start(f"reference: {settings['reference_images']} held-out images and their Inception statistics")
+    if paths.reference_images.is_file():
+        stages.reuse("reference images", paths.reference_images)
+    else:
+        with stages.work("reference images"):
+            # Images the training folder does not hold: indices after the training ones, per class.
+            images, labels = dataset.draw_many(settings["reference_images"] // dataset.NUM_CLASSES,
+                                               settings["dataset_seed"], settings["resolution"],
+                                               start=settings["images_per_class"])
+            save_npz_atomic(paths.reference_images, arr_0=images, labels=labels)
+    if not settings["fid_every"]:
+        print("  no FID during training (--fid-every 0), so train.py needs no statistics file")
+    elif paths.reference_stats.is_file():
+        stages.reuse("reference statistics", paths.reference_stats)
+    else:
+        argv = [str(paths.reference_images), "--save-ref-stats", str(paths.reference_stats),
+                "--batch-size", str(INCEPTION_BATCH_SIZE)]
+        with stages.work("reference statistics"):
+            call("python -m evaluations.evaluator", evaluator.main, argv)
+
+
+def save_npz_atomic(path: Path, **arrays):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    with open(partial, "wb") as file:
+        np.savez(file, **arrays)
+    os.replace(partial, path)
+
+
+def segment_ends(steps, fid_every):
+    """train.py evaluates FID at every multiple of --eval-every and at --max-steps; training in
+    segments that each end at one evaluation leaves the final FID to sample_ddp.py + the evaluator."""
+    return [*(range(fid_every, steps, fid_every) if fid_every else ()), steps]
+
+
+def train_argv(paths: DemoPaths, settings, run, end):
+    argv = ["--preset", "demo", "--sra", RUNS[run], "--data-dir", str(paths.dataset),
+            "--results-dir", str(paths.runs), "--run-name", run, "--seed", str(settings["seed"]),
+            "--max-steps", str(end), "--global-batch-size", str(settings["batch_size"])]
+    if end < settings["steps"]:
+        argv += ["--eval-every", str(end), "--eval-ref", str(paths.reference_stats),
+                 "--eval-samples", str(settings["samples"]), "--eval-steps", str(settings["sampling_steps"])]
+    return argv
+
+
+def last_step(paths: DemoPaths, run):
+    found = list_checkpoints(paths.run_dir(run) / "checkpoints")
+    return found[-1][0] if found else 0
+
+
+def train_run(paths: DemoPaths, settings, stages, run):
+    stages.start(f"train {run}: {PRESET['model']} with --sra {RUNS[run]}, {settings['steps']} steps")
+    if last_step(paths, run) >= settings["steps"]:
+        return stages.reuse(run, f"{paths.run_dir(run)} (step {settings['steps']} reached)")
+    for end in segment_ends(settings["steps"], settings["fid_every"]):
+        done = last_step(paths, run)
+        if done >= end:
+            continue
+        fid_note = f", then FID-{settings['samples']}" if end < settings["steps"] else ""
+        action = f"resuming from step {done}" if done else "training"
+        print(f"  {action} up to step {end}{fid_note}", flush=True)
+        with stages.work(run, resumed=done > 0):
+            call("python train.py", train.main, train_argv(paths, settings, run, end))
+
+
+def sample_run(paths: DemoPaths, settings, stages, run):
+    stages.start(f"sample {run}: {settings['samples']} images, EMA weights of step {settings['steps']}")
+    if paths.sample_npz(run).is_file():
+        return stages.reuse(f"sample {run}", paths.sample_npz(run))
+    argv = ["--ckpt", str(paths.checkpoint(run, settings["steps"])), "--vae", "none",
+            "--sampler", SAMPLER, "--num-steps", str(settings["sampling_steps"]),
+            "--num-samples", str(settings["samples"]), "--per-proc-batch-size", str(SAMPLE_BATCH_SIZE),
+            "--seed", str(settings["seed"]), "--output", str(paths.sample_npz(run))]
+    with stages.work(f"sample {run}"):
+        call("python sample_ddp.py", sample_ddp.main, argv)
+
+
+def evaluate_run(paths: DemoPaths, settings, stages, run):
+    stages.start(f"evaluate {run}: FID-{settings['samples']} against the reference images")
+    if paths.sample_metrics(run).is_file():
+        return stages.reuse(f"evaluate {run}", paths.sample_metrics(run))
+    argv = [str(paths.reference_images), str(paths.sample_npz(run)),
+            "--num-samples", str(settings["samples"]), "--batch-size", str(INCEPTION_BATCH_SIZE),
+            "--output-json", str(paths.sample_metrics(run))]
+    with stages.work(f"evaluate {run}"):
+        call("python -m evaluations.evaluator", evaluator.main, argv)
+
+
+def probe_runs(paths: DemoPaths, settings, stages):
+    stages.start("probe: linear probes of both runs' features per block and noise level")
+    if (paths.probe / "probe.json").is_file():
+        return stages.reuse("probe", paths.probe)
+    depth = models.SIZES[models.parse_model_name(PRESET["model"])[1]][0]
+    argv = [item for run in RUNS for item in ("--ckpt", f"{run}={paths.checkpoint(run, settings['steps'])}")]
+    argv += ["--data-dir", str(paths.dataset), "--weights", PROBE_WEIGHTS,
+             "--blocks", *map(str, range(depth + 1)), "--times", *map(str, PROBE_TIMES),
+             "--epochs", str(settings["probe_epochs"]), "--probe-batch-size", str(PROBE_BATCH_SIZE),
+             "--seed", str(settings["seed"]), "--output-dir", str(paths.probe)]
+    with stages.work("probe"):
+        call("python -m analysis", analyze, argv)
+
+
+STAGES_PER_RUN = ("train", "sample", "evaluate")
+
+
+def main(argv=None):
+    start = time.perf_counter()
+    args = parse_args(argv)
+    settings = resolve_settings(args)
+    verify_weights_file(default_weights_path())  # the Inception weights, before any work
+    paths = DemoPaths(args.output_dir)
+    claim_output_dir(paths, settings)
+    load_at_start = os.getloadavg()
+    # data, preprocessing, reference; train, sample, evaluate per run; probe, report
+    stages = Stages(paths.stage_times, count=3 + len(STAGES_PER_RUN) * len(RUNS) + 2)
+
+    make_images(paths, settings, stages)
+    preprocess_images(paths, settings, stages)
+    make_reference(paths, settings, stages)
+    for run in RUNS:
+        train_run(paths, settings, stages, run)
+    for run in RUNS:
+        sample_run(paths, settings, stages, run)
+        evaluate_run(paths, settings, stages, run)
+    probe_runs(paths, settings, stages)
+
+    stages.start("report")
+    elapsed = time.perf_counter() - start
+    report_path = report.write_report(paths, settings, stages.seconds, elapsed, stages.reused,
+                                      (load_at_start, os.getloadavg()))
+    reused = f" (reused from an earlier run: {', '.join(stages.reused)})" if stages.reused else ""
+    print(f"\ndemo finished in {elapsed / 60:.1f} min{reused}")
+    print(f"report: {report_path}")
+    return report_path
+
+
+if __name__ == "__main__":
+    main()

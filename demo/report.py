@@ -1,0 +1,273 @@
+"""The demo's report: report.md with loss.png, fid.png and the sample grids, from the files the
+stages left in the output directory (train.py's metrics.jsonl and config.json, the evaluator's JSON,
+the samples' .npz, analysis' probe.json). Rewritten on every run; it reads, never recomputes."""
+import json
+import os
+import platform
+import statistics
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+import models
+from demo import dataset
+from demo.paths import RUNS, DemoPaths
+
+RUN_LABELS = {"baseline": "baseline", "sra": "SRA"}
+RUN_COLORS = {"baseline": "tab:blue", "sra": "tab:orange"}
+GRID_PER_CLASS = 8  # samples per class row of a grid
+GRID_SCALE = 4  # screen pixels per image pixel: 16-pixel images are tiny otherwise
+GRID_GAP = 2  # pixels between images, after scaling
+FIGURE_INCHES = (10, 3.6)
+DPI = 120
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+def read_json(path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_metrics(run_dir):
+    """train.py's metrics.jsonl: (loss lines, FID lines {step, fid<K>})."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if "loss" in line], [line for line in lines if "loss" not in line]
+
+
+def fid_points(fid_lines, final_step, final_metrics):
+    """[(step, FID, source)]: train.py's FID-K during training, then the evaluator's at the end."""
+    points = [(line["step"], value, "train.py") for line in fid_lines
+              for key, value in line.items() if key.startswith("fid")]
+    if final_metrics is not None:
+        points.append((final_step, final_metrics["fid"], "sample_ddp.py + evaluator"))
+    return points
+
+
+# --- figures -----------------------------------------------------------------------------------
+
+def _figure(panels):
+    figure = Figure(figsize=(FIGURE_INCHES[0] * panels / 2, FIGURE_INCHES[1]), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots(1, panels, squeeze=False)[0]
+
+
+def plot_losses(loss_lines, path):
+    """Generative loss of both runs (left) and SRA's alignment loss (right; the baseline has none)."""
+    figure, (gen_axes, align_axes) = _figure(2)
+    for run, lines in loss_lines.items():
+        steps = [line["step"] for line in lines]
+        style = {"color": RUN_COLORS[run], "label": RUN_LABELS[run]}
+        gen_axes.plot(steps, [line["gen_loss"] for line in lines], **style)
+        if RUNS[run] == "on":
+            align_axes.plot(steps, [line["align"] for line in lines], **style)
+    gen_axes.set_title("generative loss (flow matching MSE)")
+    align_axes.set_title("alignment loss (smooth-L1, before the weight λ)")
+    for axes in (gen_axes, align_axes):
+        axes.set_xlabel("step")
+        axes.set_yscale("log")
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.savefig(path)
+
+
+def plot_fid(points, samples, path):
+    """FID against step for every run: circles from train.py, squares from the final evaluation."""
+    figure, (axes,) = _figure(1)
+    for run, run_points in points.items():
+        axes.plot([step for step, _, _ in run_points], [fid for _, fid, _ in run_points],
+                  color=RUN_COLORS[run], label=RUN_LABELS[run])
+        for step, fid, source in run_points:
+            axes.plot(step, fid, marker="s" if source != "train.py" else "o", color=RUN_COLORS[run])
+    axes.set_title(f"FID-{samples} (lower is better; ○ train.py --eval-every, □ sample_ddp.py + evaluator)")
+    axes.set_xlabel("step")
+    axes.set_ylabel(f"FID-{samples}")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.savefig(path)
+
+
+def class_grid(images, labels, per_class=GRID_PER_CLASS):
+    """One row per class holding its first `per_class` images (gray where a class has fewer):
+    uint8 (N, H, W, 3), (N,) -> one uint8 picture, scaled by GRID_SCALE."""
+    height, width = images.shape[1:3]
+    cell_h, cell_w = height * GRID_SCALE + GRID_GAP, width * GRID_SCALE + GRID_GAP
+    grid = np.full((dataset.NUM_CLASSES * cell_h, per_class * cell_w, 3), 255, dtype=np.uint8)
+    for label in range(dataset.NUM_CLASSES):
+        chosen = images[labels == label][:per_class]
+        for column in range(per_class):
+            image = chosen[column] if column < len(chosen) else np.full_like(images[0], 128)
+            scaled = image.repeat(GRID_SCALE, axis=0).repeat(GRID_SCALE, axis=1)
+            top, left = label * cell_h, column * cell_w
+            grid[top:top + height * GRID_SCALE, left:left + width * GRID_SCALE] = scaled
+    return grid
+
+
+def save_grid(npz_path, path):
+    with np.load(npz_path) as npz:
+        Image.fromarray(class_grid(npz["arr_0"], npz["labels"])).save(path)
+
+
+# --- report.md ---------------------------------------------------------------------------------
+
+def _minutes(seconds):
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def _number(value, digits=2):
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def setup_section(settings, config):
+    model = models.create_model(config["model"], config["input_size"], config["in_channels"],
+                                config["num_classes"])
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    images_seen = settings["steps"] * settings["batch_size"]
+    train_images = settings["images_per_class"] * dataset.NUM_CLASSES
+    return [
+        "## Setup", "",
+        "| | |", "|---|---|",
+        f"| data | built-in shapes (demo/dataset.py): {dataset.NUM_CLASSES} classes, {train_images} training "
+        f"images of {settings['resolution']}×{settings['resolution']} px, pixel space |",
+        f"| model | {config['model']}: {model.depth} blocks, width {model.hidden_size}, "
+        f"{model.num_patches} tokens, {params / 1e6:.2f} M parameters |",
+        f"| objective | flow matching ({config['path']} path, {config['prediction']} prediction, "
+        f"{config['time_sampling']} t) |",
+        f"| training | {settings['steps']} steps × batch {settings['batch_size']} = {images_seen:,} images "
+        f"(≈ {images_seen / train_images:.1f} epochs), AdamW lr {config['lr']:g}, EMA {config['ema_decay']}, "
+        f"seed {settings['seed']} for both runs |",
+        f"| SRA | student block {config['student_depth']} → EMA-teacher block {config['teacher_depth']}, "
+        f"Δ ~ U(0, {config['t_max']}), "
+        f"{config['align_distance']} (β {config['smooth_l1_beta']}), λ {config['align_weight']} |",
+        f"| sampling | SDE, {settings['sampling_steps']} steps, no guidance, seed {settings['seed']} |",
+        f"| FID | FID-{settings['samples']}: {settings['samples']} samples per run against "
+        f"{settings['reference_images']} held-out images of the dataset, ADM Inception (evaluations/) |",
+        "",
+    ]
+
+
+def results_section(settings, stage_seconds, loss_lines, evaluations):
+    rows = [
+        "## Results", "",
+        f"| run | steps | training wall time | img/s | final generative loss | final alignment loss "
+        f"| FID-{settings['samples']} | sFID | precision | recall |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run, lines in loss_lines.items():
+        last = lines[-1]
+        metrics = evaluations[run] or {}
+        align = _number(last["align"], 4) if RUNS[run] == "on" else "—"
+        images_per_second = statistics.median(line["img_per_s"] for line in lines)
+        rows.append(
+            f"| {RUN_LABELS[run]} | {last['step']} | {_minutes(stage_seconds.get(run, 0.0))} "
+            f"| {images_per_second:.0f} | {last['gen_loss']:.4f} | {align} "
+            f"| {_number(metrics.get('fid'))} | {_number(metrics.get('sfid'))} "
+            f"| {_number(metrics.get('precision'), 3)} | {_number(metrics.get('recall'), 3)} |"
+        )
+    rows += [
+        "",
+        "Training wall time is the whole train.py stage (start-up, checkpoints, sample grids and the FID "
+        "during training included); img/s is train.py's median over its log windows. The final losses are "
+        f"those of the last log window. FID-{settings['samples']} from {settings['samples']} samples sits "
+        "far above FID-50K and moves by a few points between seeds: compare the two runs with each "
+        "other, never with a paper.",
+        "",
+        "![loss curves](loss.png)",
+        "",
+    ]
+    return rows
+
+
+def fid_section(points, has_figure):
+    rows = ["### FID during training", ""]
+    for run, run_points in points.items():
+        listed = ", ".join(f"step {step}: {fid:.2f}" for step, fid, _ in run_points)
+        rows.append(f"- {RUN_LABELS[run]}: {listed}")
+    rows.append("")
+    if has_figure:
+        rows += ["![FID against step](fid.png)", ""]
+    else:
+        rows += ["FID was evaluated once per run (--fid-every 0), so there is no fid.png.", ""]
+    return rows
+
+
+def samples_section(settings):
+    names = ", ".join(dataset.CLASS_NAMES)
+    return [
+        "## Samples", "",
+        f"One row per class ({names}); each row holds the first {GRID_PER_CLASS} of the "
+        f"{settings['samples']} samples with that label (gray: fewer were drawn).", "",
+        "| held-out data | baseline | SRA |", "|---|---|---|",
+        "| ![reference](samples_reference.png) | ![baseline](samples_baseline.png) "
+        "| ![SRA](samples_sra.png) |",
+        "",
+    ]
+
+
+def probe_section(probe):
+    if probe is None:
+        return ["## Representation probe", "", "The probe stage has not finished.", ""]
+    rows_by_key = {(r["checkpoint"], r["block"], r["t"]): r["top1"] for r in probe["results"]}
+    times, blocks = probe["settings"]["times"], probe["settings"]["blocks"]
+    header = "| block | " + " | ".join(f"t = {t:g}: baseline | t = {t:g}: SRA" for t in times) + " |"
+    rows = [
+        "## Representation probe", "",
+        "Linear-probe top-1 (%) on held-out images (python -m analysis: EMA weights, tokens mean-pooled, "
+        f"null class, {probe['settings']['val_fraction']:.0%} of the dataset held out; t is the noise "
+        "level, 0 = clean; block 0 is the embedded input).", "",
+        header, "|---" * (1 + 2 * len(times)) + "|",
+    ]
+    for block in blocks:
+        cells = [f"{100 * rows_by_key[(run, block, t)]:.0f}" for t in times for run in RUNS]
+        rows.append(f"| {block} | " + " | ".join(cells) + " |")
+    rows += ["", "![probe comparison](probe/compare.png)", ""]
+    return rows
+
+
+def timing_section(stage_seconds, elapsed, reused, loads):
+    rows = [
+        "## Wall time", "",
+        f"Stages together: {_minutes(sum(stage_seconds.values()))}; this invocation: {_minutes(elapsed)}"
+        + (f" (reused: {', '.join(reused)})" if reused else "") + ".",
+        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"Python {platform.python_version()}; "
+        f"load average (1/5/15 min) {'/'.join(f'{x:.1f}' for x in loads[0])} at the start and "
+        f"{'/'.join(f'{x:.1f}' for x in loads[1])} at the end. The CPU is shared with whatever else runs; "
+        "a busy machine makes every stage slower.", "",
+        "| stage | wall time |", "|---|---|",
+    ]
+    rows += [f"| {name} | {_minutes(seconds)} |" for name, seconds in stage_seconds.items()]
+    return rows + [""]
+
+
+def write_report(paths: DemoPaths, settings, stage_seconds, elapsed, reused, loads):
+    """Figures and report.md in paths.root; returns the report's path."""
+    loss_lines, points, evaluations = {}, {}, {}
+    for run in RUNS:
+        loss_lines[run], fid_lines = read_metrics(paths.run_dir(run))
+        evaluations[run] = read_json(paths.sample_metrics(run))
+        points[run] = fid_points(fid_lines, settings["steps"], evaluations[run])
+        save_grid(paths.sample_npz(run), paths.figure(f"samples_{run}.png"))
+    save_grid(paths.reference_images, paths.figure("samples_reference.png"))
+    plot_losses(loss_lines, paths.figure("loss.png"))
+    has_fid_figure = any(len(run_points) > 1 for run_points in points.values())
+    if has_fid_figure:
+        plot_fid(points, settings["samples"], paths.figure("fid.png"))
+    config = read_json(paths.run_dir("sra") / "config.json")
+
+    lines = [
+        "# SRA demo: baseline vs SRA on the built-in shapes", "",
+        "The whole pipeline at toy size (python -m demo): data → preprocessing → reference statistics → "
+        "train.py (baseline, then SRA, same seed and budget) → sample_ddp.py → evaluations.evaluator → "
+        "python -m analysis → this report.", "",
+        *setup_section(settings, config),
+        *results_section(settings, stage_seconds, loss_lines, evaluations),
+        *fid_section(points, has_fid_figure),
+        *samples_section(settings),
+        *probe_section(read_json(paths.probe / "probe.json")),
+        *timing_section(stage_seconds, elapsed, reused, loads),
+    ]
+    paths.report.write_text("\n".join(lines))
+    return paths.report
