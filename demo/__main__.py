@@ -37,7 +37,7 @@ from training.checkpoints import list_checkpoints
 PRESET = configs.PRESETS["demo"]
 DEFAULT_OUTPUT_DIR = "results/demo"  # results/ is git-ignored
 IMAGES_PER_CLASS = 100  # 1,000 training images
-REFERENCE_IMAGES = 150  # held-out images behind FID; Inception runs at ~8 images/s on 2 cores
+REFERENCE_IMAGES = PRESET["eval_samples"]  # held-out images behind FID, as many as samples
 SEED = 0  # training seed of both runs, and the sampling seed
 MIN_REFERENCE_IMAGES = 4  # the evaluator's precision/recall needs more than k = 3 reference images
 SAMPLER = "sde"  # the flow objective's default, the one train.py's FID uses: the FIDs compare
@@ -218,7 +218,7 @@ def last_step(paths: DemoPaths, run):
 def train_run(paths: DemoPaths, settings, stages, run):
     stages.start(f"train {run}: {PRESET['model']} with --sra {RUNS[run]}, {settings['steps']} steps")
     if last_step(paths, run) >= settings["steps"]:
-        return stages.reuse(run, f"{paths.run_dir(run)} (step {settings['steps']} reached)")
+        return stages.reuse(f"train {run}", f"{paths.run_dir(run)} (step {settings['steps']} reached)")
     for end in segment_ends(settings["steps"], settings["fid_every"]):
         done = last_step(paths, run)
         if done >= end:
@@ -226,7 +226,7 @@ def train_run(paths: DemoPaths, settings, stages, run):
         fid_note = f", then FID-{settings['samples']}" if end < settings["steps"] else ""
         action = f"resuming from step {done}" if done else "training"
         print(f"  {action} up to step {end}{fid_note}", flush=True)
-        with stages.work(run, resumed=done > 0):
+        with stages.work(f"train {run}", resumed=done > 0):
             call("python train.py", train.main, train_argv(paths, settings, run, end))
 
 

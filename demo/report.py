@@ -18,6 +18,7 @@ from demo.paths import RUNS, DemoPaths
 
 RUN_LABELS = {"baseline": "baseline", "sra": "SRA"}
 RUN_COLORS = {"baseline": "tab:blue", "sra": "tab:orange"}
+FID_MARKERS = {"train.py": "o", "sample_ddp.py + evaluator": "s"}  # who measured a point
 GRID_PER_CLASS = 8  # samples per class row of a grid
 GRID_SCALE = 4  # screen pixels per image pixel: 16-pixel images are tiny otherwise
 GRID_GAP = 2  # pixels between images, after scaling
@@ -42,7 +43,7 @@ def fid_points(fid_lines, final_step, final_metrics):
     points = [(line["step"], value, "train.py") for line in fid_lines
               for key, value in line.items() if key.startswith("fid")]
     if final_metrics is not None:
-        points.append((final_step, final_metrics["fid"], "sample_ddp.py + evaluator"))
+        points.append((final_step, final_metrics["fid"], "sample_ddp.py + evaluator"))  # FID_MARKERS keys
     return points
 
 
@@ -74,14 +75,16 @@ def plot_losses(loss_lines, path):
 
 
 def plot_fid(points, samples, path):
-    """FID against step for every run: circles from train.py, squares from the final evaluation."""
+    """FID against step for every run; the marker says which entry point measured it."""
     figure, (axes,) = _figure(1)
     for run, run_points in points.items():
         axes.plot([step for step, _, _ in run_points], [fid for _, fid, _ in run_points],
                   color=RUN_COLORS[run], label=RUN_LABELS[run])
         for step, fid, source in run_points:
-            axes.plot(step, fid, marker="s" if source != "train.py" else "o", color=RUN_COLORS[run])
-    axes.set_title(f"FID-{samples} (lower is better; ○ train.py --eval-every, □ sample_ddp.py + evaluator)")
+            axes.plot(step, fid, marker=FID_MARKERS[source], color=RUN_COLORS[run])
+    for source, marker in FID_MARKERS.items():  # legend entries for the markers alone
+        axes.plot([], [], marker=marker, linestyle="none", color="gray", label=source)
+    axes.set_title(f"FID-{samples} (lower is better)")
     axes.set_xlabel("step")
     axes.set_ylabel(f"FID-{samples}")
     axes.grid(alpha=0.3)
@@ -161,7 +164,7 @@ def results_section(settings, stage_seconds, loss_lines, evaluations):
         align = _number(last["align"], 4) if RUNS[run] == "on" else "—"
         images_per_second = statistics.median(line["img_per_s"] for line in lines)
         rows.append(
-            f"| {RUN_LABELS[run]} | {last['step']} | {_minutes(stage_seconds.get(run, 0.0))} "
+            f"| {RUN_LABELS[run]} | {last['step']} | {_minutes(stage_seconds.get(f'train {run}', 0.0))} "
             f"| {images_per_second:.0f} | {last['gen_loss']:.4f} | {align} "
             f"| {_number(metrics.get('fid'))} | {_number(metrics.get('sfid'))} "
             f"| {_number(metrics.get('precision'), 3)} | {_number(metrics.get('recall'), 3)} |"

@@ -1,0 +1,186 @@
+"""`python -m demo` end to end at a tiny size (the README's smoke command), and the built-in dataset."""
+import contextlib
+import hashlib
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+
+from demo import dataset
+from demo.__main__ import main as run_demo
+from demo.__main__ import segment_ends
+from demo.report import GRID_GAP, GRID_SCALE, class_grid
+from evaluations import evaluator, features
+from evaluations.metrics import FIDStatistics, frechet_distance
+
+# The README's smoke run: every stage of `make demo` with 30 training images, 4 steps and FID-8.
+SMOKE = ["--steps", "4", "--samples", "8", "--reference-images", "10", "--images-per-class", "3"]
+RUNS = ("baseline", "sra")
+
+
+def frechet_distance_eigh(sample, reference):
+    """The Fréchet distance with tr sqrt(S1 S2) = Σ sqrt(eig(S1^½ S2 S1^½)) (similar matrices for
+    covariances), from symmetric eigendecompositions: ~2 s at 2048 dimensions, where scipy's sqrtm
+    takes 20–80 s on 2 busy cores. The test below checks it against the evaluator's form."""
+    values, vectors = np.linalg.eigh(sample.sigma)
+    root = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T  # S1^½
+    product = np.linalg.eigvalsh(root @ reference.sigma @ root)
+    diff = sample.mu.astype(np.float64) - reference.mu
+    trace_root = np.sqrt(np.clip(product, 0, None)).sum()
+    return float(diff @ diff + np.trace(sample.sigma) + np.trace(reference.sigma) - 2 * trace_root)
+
+
+def run_quietly(argv):
+    """(the demo's return value, what it printed)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = run_demo(argv)
+    return result, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The smoke run, once for the module: (output directory, report path, printed output)."""
+    output_dir = tmp_path_factory.mktemp("demo") / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluator, "frechet_distance", frechet_distance_eigh)  # the evaluator's FID and sFID
+        patch.setattr(features, "frechet_distance", frechet_distance_eigh)  # train.py's FID-K
+        report, printed = run_quietly([*SMOKE, "--output-dir", str(output_dir)])
+    return output_dir, report, printed
+
+
+def test_eigh_frechet_distance_equals_the_evaluators():
+    rng = np.random.default_rng(0)
+    sample = FIDStatistics.from_features(rng.standard_normal((40, 16)).astype(np.float32))
+    reference = FIDStatistics.from_features(rng.standard_normal((50, 16)).astype(np.float32) + 0.3)
+    expected = frechet_distance(sample, reference)
+    assert frechet_distance_eigh(sample, reference) == pytest.approx(expected, rel=1e-6)  # sqrtm: ~1e-8
+
+
+def test_smoke_run_writes_every_artefact(smoke):
+    output_dir, report, printed = smoke
+    assert report == output_dir / "report.md"
+    assert printed.rstrip().splitlines()[-1] == f"report: {report}"
+    for name in ("report.md", "loss.png", "fid.png", "samples_reference.png", "samples_baseline.png",
+                 "samples_sra.png", "probe/probe.json", "probe/compare.png", "reference/stats.npz"):
+        assert (output_dir / name).stat().st_size > 0, name
+    text = report.read_text()
+    for run in RUNS:
+        assert (output_dir / "runs" / run / "checkpoints" / "step_0000004.pt").is_file()
+        with np.load(output_dir / "samples" / f"{run}.npz") as samples:
+            assert samples["arr_0"].shape == (8, 16, 16, 3) and samples["arr_0"].dtype == np.uint8
+        metrics = json.loads((output_dir / "samples" / f"{run}_metrics.json").read_text())
+        assert metrics["num_samples"] == 8 and metrics["num_reference"] == 10
+        assert math.isfinite(metrics["fid"]) and metrics["fid"] > 0 and math.isfinite(metrics["sfid"])
+        assert f"{metrics['fid']:.2f}" in text
+        metrics_file = output_dir / "runs" / run / "metrics.jsonl"
+        lines = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+        (fid_line,) = [line for line in lines if "fid8" in line]  # train.py's FID-8 at half the steps
+        assert fid_line["step"] == 2 and math.isfinite(fid_line["fid8"])
+        assert [line["step"] for line in lines if "loss" in line] == [2, 4]  # each train.py call's last step
+    assert "FID-8" in text and "## Representation probe" in text
+
+
+def test_runs_differ_only_in_sra(smoke):
+    output_dir = smoke[0]
+    baseline, sra = (json.loads((output_dir / "runs" / run / "config.json").read_text()) for run in RUNS)
+    differing = {key for key in baseline if baseline[key] != sra[key]}
+    assert differing == {"sra", "run_name", "student_depth", "teacher_depth"}
+    assert (sra["student_depth"], sra["teacher_depth"]) == (2, 5)  # sra.default_block_pair for 6 blocks
+    final = {run: json.loads((output_dir / "runs" / run / "metrics.jsonl").read_text().splitlines()[-1])
+             for run in RUNS}
+    assert final["baseline"]["align"] == 0 and final["sra"]["align"] > 0
+
+
+def test_rerun_reuses_every_stage(smoke):
+    output_dir, report, _ = smoke
+    times = (output_dir / "stages.json").read_text()
+    again, printed = run_quietly([*SMOKE, "--output-dir", str(output_dir)])
+    assert again == report
+    assert "$ python" not in printed  # no entry point ran
+    assert printed.count("  reusing ") == 11  # data, preprocessing, 2 reference files, 2 × 3 per run, probe
+    assert (output_dir / "stages.json").read_text() == times
+
+
+def test_other_settings_in_the_same_directory_are_refused(smoke):
+    output_dir = smoke[0]
+    with pytest.raises(SystemExit, match=r"other settings \(fid_every: 2 -> 3, steps: 4 -> 6\)"):
+        run_demo([*SMOKE, "--steps", "6", "--output-dir", str(output_dir)])
+
+
+def test_bad_flags_are_refused_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match="--reference-images must be a multiple of 10"):
+        run_demo([*SMOKE, "--reference-images", "15", "--output-dir", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="--images-per-class must be at least 2"):
+        run_demo([*SMOKE, "--images-per-class", "1", "--output-dir", str(tmp_path / "b")])
+    assert not any(tmp_path.iterdir())
+
+
+def test_training_segments_end_at_each_fid_step():
+    assert segment_ends(600, 300) == [300, 600]
+    assert segment_ends(5, 2) == [2, 4, 5]
+    assert segment_ends(600, 0) == [600]
+    assert segment_ends(4, 4) == [4]
+
+
+def test_class_grid_puts_each_class_on_its_row():
+    labels = np.array([3, 0, 3, 3])
+    images = np.stack([np.full((2, 2, 3), 10 * (i + 1), dtype=np.uint8) for i in range(4)])
+    grid = class_grid(images, labels, per_class=2)
+    cell = 2 * GRID_SCALE + GRID_GAP
+    assert grid.shape == (dataset.NUM_CLASSES * cell, 2 * cell, 3)
+    assert (grid[0, 0] == 20).all() and (grid[0, cell] == 128).all()  # class 0: image 1, then gray
+    assert (grid[3 * cell, 0] == 10).all() and (grid[3 * cell, cell] == 30).all()  # class 3: images 0, 2
+    assert (grid[cell, 0] == 128).all()  # class 1 has none
+
+
+# --- the built-in dataset ------------------------------------------------------------------------
+
+def folder_digest(root):
+    return {path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(root.rglob("*.png"))}
+
+
+def test_dataset_is_deterministic_to_the_byte(tmp_path):
+    assert dataset.write_image_folder(tmp_path / "a", 3) == 30
+    dataset.write_image_folder(tmp_path / "b", 3)
+    first = folder_digest(tmp_path / "a")
+    assert len(first) == 30 and first == folder_digest(tmp_path / "b")
+    # Image i of a class does not depend on how many the folder holds.
+    dataset.write_image_folder(tmp_path / "c", 2)
+    assert folder_digest(tmp_path / "c").items() <= first.items()
+
+
+def test_draw_many_is_class_major_and_matches_draw():
+    images, labels = dataset.draw_many(2, start=5)
+    assert images.shape == (20, dataset.RESOLUTION, dataset.RESOLUTION, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [label for label in range(10) for _ in range(2)]
+    assert np.array_equal(images[7], dataset.draw(3, 6))
+    assert not np.array_equal(dataset.draw(3, 6, seed=1), dataset.draw(3, 6))
+
+
+def test_class_folders_sort_in_label_order():
+    # The preprocessing labels are the sorted subfolder indices.
+    assert sorted(dataset.CLASS_NAMES) == list(dataset.CLASS_NAMES)
+    assert len(set(dataset.CLASS_NAMES)) == dataset.NUM_CLASSES == 10
+
+
+def test_each_class_has_its_own_hue():
+    """The pixel of highest HSV value (the shape; backgrounds are darker) has hue k/10 ± the jitter."""
+    import colorsys
+
+    for label in range(dataset.NUM_CLASSES):
+        image = dataset.draw(label, 0, resolution=32).reshape(-1, 3) / 255
+        brightest = image[image.max(axis=1).argmax()]
+        hue = colorsys.rgb_to_hsv(*brightest)[0]
+        distance = min(abs(hue - label / 10), 1 - abs(hue - label / 10))
+        assert distance <= dataset.HUE_JITTER + 0.01, (label, hue)
+
+
+def test_bad_class_index_and_count_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="class index 10"):
+        dataset.draw(10, 0)
+    with pytest.raises(ValueError, match="at least 1"):
+        dataset.write_image_folder(tmp_path, 0)
