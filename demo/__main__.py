@@ -175,8 +175,8 @@ def make_reference(paths: DemoPaths, settings, stages):
                                                settings["dataset_seed"], settings["resolution"],
                                                start=settings["images_per_class"])
             save_npz_atomic(paths.reference_images, arr_0=images, labels=labels)
-    if not settings["fid_every"]:
-        print("  no FID during training (--fid-every 0), so train.py needs no statistics file")
+    if len(segment_ends(settings["steps"], settings["fid_every"])) == 1:
+        print("  no FID during training (--fid-every), so train.py needs no statistics file")
     elif paths.reference_stats.is_file():
         stages.reuse("reference statistics", paths.reference_stats)
     else:
@@ -296,7 +296,7 @@ def main(argv=None):
     report_path = report.write_report(paths, settings, stages.seconds, elapsed, stages.reused,
                                       (load_at_start, os.getloadavg()))
     reused = f" (reused from an earlier run: {', '.join(stages.reused)})" if stages.reused else ""
-    print(f"\ndemo finished in {elapsed / 60:.1f} min{reused}")
+    print(f"\ndemo finished in {report.format_duration(elapsed)}{reused}")
     print(f"report: {report_path}")
     return report_path
 

@@ -115,7 +115,7 @@ def save_grid(npz_path, path):
 
 # --- report.md ---------------------------------------------------------------------------------
 
-def _minutes(seconds):
+def format_duration(seconds):
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
@@ -163,8 +163,9 @@ def results_section(settings, stage_seconds, loss_lines, evaluations):
         metrics = evaluations[run] or {}
         align = _number(last["align"], 4) if RUNS[run] == "on" else "—"
         images_per_second = statistics.median(line["img_per_s"] for line in lines)
+        train_seconds = stage_seconds.get(f"train {run}", 0.0)
         rows.append(
-            f"| {RUN_LABELS[run]} | {last['step']} | {_minutes(stage_seconds.get(f'train {run}', 0.0))} "
+            f"| {RUN_LABELS[run]} | {last['step']} | {format_duration(train_seconds)} "
             f"| {images_per_second:.0f} | {last['gen_loss']:.4f} | {align} "
             f"| {_number(metrics.get('fid'))} | {_number(metrics.get('sfid'))} "
             f"| {_number(metrics.get('precision'), 3)} | {_number(metrics.get('recall'), 3)} |"
@@ -232,7 +233,8 @@ def probe_section(probe):
 def timing_section(stage_seconds, elapsed, reused, loads):
     rows = [
         "## Wall time", "",
-        f"Stages together: {_minutes(sum(stage_seconds.values()))}; this invocation: {_minutes(elapsed)}"
+        f"Stages together: {format_duration(sum(stage_seconds.values()))}; "
+        f"this invocation: {format_duration(elapsed)}"
         + (f" (reused: {', '.join(reused)})" if reused else "") + ".",
         f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"Python {platform.python_version()}; "
@@ -241,7 +243,7 @@ def timing_section(stage_seconds, elapsed, reused, loads):
         "a busy machine makes every stage slower.", "",
         "| stage | wall time |", "|---|---|",
     ]
-    rows += [f"| {name} | {_minutes(seconds)} |" for name, seconds in stage_seconds.items()]
+    rows += [f"| {name} | {format_duration(seconds)} |" for name, seconds in stage_seconds.items()]
     return rows + [""]
 
 
