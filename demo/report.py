@@ -238,9 +238,9 @@ def timing_section(stage_seconds, elapsed, reused, loads):
         + (f" (reused: {', '.join(reused)})" if reused else "") + ".",
         f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"Python {platform.python_version()}; "
-        f"load average (1/5/15 min) {'/'.join(f'{x:.1f}' for x in loads[0])} at the start and "
-        f"{'/'.join(f'{x:.1f}' for x in loads[1])} at the end. The CPU is shared with whatever else runs; "
-        "a busy machine makes every stage slower.", "",
+        f"load average (1/5/15 min) {'/'.join(f'{x:.1f}' for x in loads[0])} at the start of this "
+        f"invocation and {'/'.join(f'{x:.1f}' for x in loads[1])} at its end. The CPU is shared with "
+        "whatever else runs; a busy machine makes every stage slower.", "",
         "| stage | wall time |", "|---|---|",
     ]
     rows += [f"| {name} | {format_duration(seconds)} |" for name, seconds in stage_seconds.items()]
