@@ -1,0 +1,27 @@
+"""The project's one exception type for a user's mistakes, and how every entry point reports it.
+
+A wrong path, a flag out of range, a mismatched checkpoint or a malformed file raises `UserError`
+with a message that names the problem. The entry points (`train.py`, `sample_ddp.py`,
+`python -m preprocessing`, `python -m evaluations.evaluator`, `python -m analysis`, `python -m demo`)
+run their `main` through `run_cli`, which prints that message as one line, `error: …`, and exits
+with code 2, as argparse does for a bad flag. Any other exception is a bug and keeps its traceback.
+"""
+import sys
+
+EXIT_USER_ERROR = 2  # argparse's exit status for a usage error
+
+
+class UserError(ValueError):
+    """A mistake in what the user asked for. A subclass of ValueError, so library callers that catch
+    ValueError keep working; the message is one line that says what is wrong and, where it helps,
+    what to do instead."""
+
+
+def run_cli(main, argv=None):
+    """Call `main(argv)`; a UserError becomes `error: <message>` on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except UserError as error:
+        message = " ".join(str(error).split())  # one line, whatever the message holds
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR) from None
