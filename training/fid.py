@@ -6,20 +6,34 @@ FID against saved reference statistics (`python -m evaluations.evaluator REF --s
 """
 import torch
 
+from errors import UserError
 from evaluations import InceptionFeatures, fid_against_reference, images_to_uint8, load_reference_statistics
+from evaluations.images import SAVE_STATISTICS_COMMAND, format_size
 from models import guided_model_fn
 
 EVAL_SEED = 1  # noise and labels of the FID-K samples (distinct from the sample grids' seed)
 
 
 class InTrainingFID:
+    """`image_size`: (height, width) or side of the decoded images; when given, and the reference file
+    records the size its statistics were computed at, the two must agree."""
+
     def __init__(self, reference_path, num_samples, batch_size, num_steps, sample_shape, num_classes,
-                 accelerator):
+                 accelerator, image_size=None):
         if num_samples % accelerator.num_processes:
-            raise ValueError(
+            raise UserError(
                 f"--eval-samples {num_samples} is not divisible by {accelerator.num_processes} processes"
             )
         self.reference = load_reference_statistics(reference_path)  # fails before any training step
+        if image_size is not None and self.reference.image_size is not None:
+            decoded_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+            # Inception resizes everything to 299x299, so a mismatch would give a meaningless FID-K
+            if decoded_size != self.reference.image_size:
+                raise UserError(
+                    f"--eval-ref {reference_path}: statistics of {format_size(self.reference.image_size)} "
+                    f"images, but this run decodes {format_size(decoded_size)} images; compute them from "
+                    f"{format_size(decoded_size)} images with {SAVE_STATISTICS_COMMAND}"
+                )
         self.features = InceptionFeatures.load(accelerator.device)
         self.accelerator = accelerator
         self.batch_size, self.num_steps = batch_size, num_steps
