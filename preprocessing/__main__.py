@@ -1,8 +1,10 @@
 """python -m preprocessing --input DIR --output DIR [--resolution 256] [--vae HUB_ID_OR_DIR | none] [--flip]
+                          [--keep-images]
 
 Runs as one process, or as many under `torchrun` / `accelerate launch`: each process encodes its share
 of the unfinished shards on its own device, and the main process writes the index at the end.
-Rerunning the same command resumes an interrupted run.
+Rerunning the same command resumes an interrupted run. A mistake in the arguments or the input stops the
+command with one line, `error: ...`, and exit status 2, before anything is written.
 """
 
 import argparse
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
+from errors import UserError, run_cli
 from preprocessing import store
 from preprocessing.encode import (
     DEFAULT_IMAGES_PER_SHARD,
@@ -59,6 +62,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--flip", action="store_true", help="also store the horizontal mirror of every image")
     parser.add_argument(
+        "--keep-images",
+        action="store_true",
+        help="also store the clean center-cropped image of every sample, uint8 (REPA's encoder input); "
+        f"with --vae {PIXEL_SPACE} the samples are the images and nothing more is written",
+    )
+    parser.add_argument(
         "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per encoding batch, per process"
     )
     parser.add_argument(
@@ -71,11 +80,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="source images per output shard (the unit of resumption)",
     )
     args = parser.parse_args(argv)
-    if args.batch_size <= 0 or args.num_workers < 0:
-        parser.error(
-            f"--batch-size must be positive and --num-workers non-negative, got {args.batch_size} "
-            f"and {args.num_workers}"
-        )
+    if args.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.num_workers < 0:
+        raise UserError(f"--num-workers must be non-negative, got {args.num_workers}")
     return args
 
 
@@ -101,12 +109,18 @@ def main(argv: list[str] | None = None) -> dict:
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
     rank, world_size, is_main = state.process_index, state.num_processes, state.is_main_process
     _log_to(None, rank, is_main)
-    try:
-        run = prepare_run(
-            args.input, args.output, args.resolution, args.vae, args.flip, args.images_per_shard, state.device
-        )
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from error
+    run = prepare_run(
+        args.input,
+        args.output,
+        args.resolution,
+        args.vae,
+        args.flip,
+        args.images_per_shard,
+        state.device,
+        keep_images=args.keep_images,
+    )
+    if args.keep_images and run.vae is None:
+        log.info("--keep-images with --vae %s: the stored pixels are the clean images", PIXEL_SPACE)
     if (run.output / store.INDEX_FILE).is_file():
         log.info("%s is already complete; nothing to do", run.output)
         return store.read_json(run.output / store.INDEX_FILE)
@@ -152,4 +166,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

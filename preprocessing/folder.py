@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from errors import UserError
 from preprocessing.image import IMAGE_EXTENSIONS
 
 
@@ -43,27 +44,29 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def scan_image_folder(root: str | Path) -> ImageFolder:
-    """List the images and labels, or raise ValueError naming what is wrong with the folder."""
+    """List the images and labels, or raise UserError naming what is wrong with the folder."""
     root = Path(root)
+    if not root.exists():
+        raise UserError(f"--input {root} does not exist")
     if not root.is_dir():
-        raise ValueError(f"--input {root} is not a directory")
+        raise UserError(f"--input {root} is not a directory")
     class_dirs = sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith("."))
     top_level_images = [path for path in root.iterdir() if _is_image_file(path)]
     if class_dirs and top_level_images:
-        raise ValueError(
+        raise UserError(
             f"--input {root} has both class subfolders ({len(class_dirs)}) and images at the top level "
             f"(e.g. {top_level_images[0].name}); put every image in its class subfolder"
         )
     if not class_dirs:
         files = _image_files(root)
         if not files:
-            raise ValueError(f"--input {root} contains no images (extensions: {sorted(IMAGE_EXTENSIONS)})")
+            raise UserError(f"--input {root} contains no images (extensions: {sorted(IMAGE_EXTENSIONS)})")
         records = [ImageRecord(path.relative_to(root).as_posix(), 0) for path in files]
         return ImageFolder(root, [root.name], records)
     records = []
     for label, class_dir in enumerate(class_dirs):
         files = _image_files(class_dir)
         if not files:
-            raise ValueError(f"class folder {class_dir} contains no images; remove it or add its images")
+            raise UserError(f"class folder {class_dir} contains no images; remove it or add its images")
         records += [ImageRecord(path.relative_to(root).as_posix(), label) for path in files]
     return ImageFolder(root, [path.name for path in class_dirs], records)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from errors import UserError
 from preprocessing.image import pixels_to_unit_range
 
 
@@ -53,19 +54,19 @@ def vae_id(name: str) -> str:
 
 
 def load_vae(name: str, device: torch.device) -> Vae:
-    """`AutoencoderKL.from_pretrained(name)`, or ValueError saying why it cannot be loaded."""
+    """`AutoencoderKL.from_pretrained(name)`, or UserError saying why it cannot be loaded."""
     from diffusers import AutoencoderKL  # imported here: the pixel-space path does not need diffusers
 
     name = vae_id(name)
     if not Path(name).exists() and not re.fullmatch(HUB_ID_PATTERN, name):
-        raise ValueError(f"the VAE --vae {name} is neither a local directory nor a hub id (owner/name)")
+        raise UserError(f"the VAE --vae {name} is neither a local directory nor a hub id (owner/name)")
     try:
         model = AutoencoderKL.from_pretrained(name)
     except (OSError, ValueError) as error:
         where = (
             "local directory" if Path(name).exists() else "hub id (there is no local directory of that name)"
         )
-        raise ValueError(f"cannot load the VAE --vae {name} as a {where}: {error}") from error
+        raise UserError(f"cannot load the VAE --vae {name} as a {where}: {error}") from error
     model = model.to(device).eval().requires_grad_(False)
     config = model.config
     # Each encoder block but the last halves the resolution (diffusers `Encoder`).

@@ -1,6 +1,8 @@
-"""preprocessing/: ADM center crop, RGB conversion, encoding to a dataset, flips, resume, bad input."""
+"""preprocessing/: ADM center crop, RGB conversion, encoding to a dataset, flips, clean images, resume,
+bad input."""
 
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from errors import UserError
 from preprocessing import SD_VAE_SCALING, VAE_SCALE_FACTORS, store
 from preprocessing.__main__ import main
 from preprocessing.dataset import LatentDataset
@@ -264,6 +267,71 @@ def test_vae_dataset_holds_the_posterior_moments(image_folder, vae_dir, tmp_path
             torch.testing.assert_close(moments.float(), expected.half().float(), rtol=2e-3, atol=1e-4)
 
 
+def test_keep_images_stores_the_clean_crop_of_every_sample_and_its_mirror(image_folder, vae_dir, tmp_path):
+    index = preprocess(image_folder, tmp_path / "out", vae_dir, "--flip", "--keep-images")
+    root, side = tmp_path / "out", RESOLUTION
+    assert (index["has_images"], index["image_shape"], index["image_dtype"]) == (True, [3, side, side], "uint8")
+    assert [shard["images_file"] for shard in index["shards"]] == [f"images-0000{k}.npy" for k in range(4)]
+    dataset = LatentDataset(root, expected_shape=(4, 8, 8), with_images=True)
+    plain = LatentDataset(tmp_path / "out")
+    for k, (path, label) in enumerate(READABLE):
+        pixels = expected_pixels(image_folder, path)  # (3, R, R) uint8, the ADM crop of the source file
+        for copy, image in enumerate([pixels, pixels[:, :, ::-1]]):
+            moments, y, stored = dataset[2 * k + copy]
+            assert y == label and stored.dtype == torch.uint8
+            np.testing.assert_array_equal(stored.numpy(), image)
+            assert torch.equal(moments, plain[2 * k + copy][0])  # the sample the image belongs to
+    for k, shard in enumerate(index["shards"]):  # plain .npy files, as np.save writes them, a row per sample
+        path = root / shard["images_file"]
+        images = np.load(path, mmap_mode="r" if shard["num_samples"] else None)
+        assert images.shape == (shard["num_samples"], 3, side, side) and images.dtype == np.uint8
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(images))
+        assert path.read_bytes() == buffer.getvalue()
+        manifest = store.read_json(root / store.shard_manifest_file(k))
+        assert manifest["images_sha256"] == shard["images_sha256"] == store.sha256_file(path)
+    assert dataset.verify() is True
+    # Everything else is what a run without --keep-images writes.
+    without = preprocess(image_folder, tmp_path / "plain", vae_dir, "--flip")
+    image_keys = {"has_images", "image_shape", "image_dtype", "image_layout", "images_file", "images_sha256"}
+    strip = lambda entries: {key: value for key, value in entries.items() if key not in image_keys}
+    assert [strip(shard) for shard in index["shards"]] == without["shards"]
+    assert strip(index) | {"shards": None, "checksum": None} == strip(without) | {"shards": None, "checksum": None}
+    assert without["has_images"] is False and "image_shape" not in without
+    for name in [store.LABELS_FILE] + [store.shard_data_file(k) for k in range(4)]:
+        assert (root / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+
+
+def test_shard_files_are_written_block_by_block_as_np_save_writes_them(tmp_path):
+    rng = np.random.default_rng(6)
+    blocks = [rng.integers(0, 256, (count, 3, 4, 4), dtype=np.uint8) for count in (0, 2, 3)]
+    store.write_shard(tmp_path, 0, blocks, [0] * 5, ["a.png"], [], clean_images=blocks[::-1])
+    for name, array in [(store.shard_data_file(0), blocks), (store.shard_images_file(0), blocks[::-1])]:
+        buffer = io.BytesIO()
+        np.save(buffer, np.concatenate(array))
+        assert (tmp_path / name).read_bytes() == buffer.getvalue()
+    with pytest.raises(ValueError, match="differ in dtype or row shape"):
+        store.write_shard(tmp_path, 1, [blocks[1], blocks[2].astype(np.int16)], [0] * 5, ["a.png"], [])
+    with pytest.raises(ValueError, match="shard 1 has 5 samples but 2 clean images"):
+        store.write_shard(tmp_path, 1, blocks, [0] * 5, ["a.png"], [], clean_images=blocks[1])
+    assert not store.is_shard_done(tmp_path, 1)
+
+
+def test_pixel_space_keeps_no_second_copy_of_its_images(image_folder, tmp_path):
+    index = preprocess(image_folder, tmp_path / "kept", "none", "--keep-images")
+    preprocess(image_folder, tmp_path / "plain")
+    assert output_files(tmp_path / "kept") == output_files(tmp_path / "plain")  # the flag changes nothing
+    assert (index["has_images"], index["image_shape"]) == (True, [3, RESOLUTION, RESOLUTION])
+    assert not list((tmp_path / "kept").glob("images-*")) and "images_file" not in index["shards"][0]
+    dataset = LatentDataset(tmp_path / "kept", with_images=True)
+    for i, (path, _) in enumerate(READABLE):
+        pixels, _, image = dataset[i]
+        np.testing.assert_array_equal(image.numpy(), expected_pixels(image_folder, path))
+        torch.testing.assert_close(pixels, pixels_to_unit_range(image), rtol=0, atol=0)
+    # A rerun with the other choice of the flag resumes the same run.
+    preprocess(image_folder, tmp_path / "kept")
+
+
 def test_sd_vae_scaling_is_the_papers():
     assert (SD_VAE_SCALING.scale, SD_VAE_SCALING.shift) == (0.18215, 0.0)
     assert VAE_SCALE_FACTORS["stabilityai/sd-vae-ft-ema"] is SD_VAE_SCALING
@@ -273,38 +341,46 @@ def test_sd_vae_scaling_is_the_papers():
 # --- resume and several processes ---
 
 
-def test_resume_after_interruption_equals_an_uninterrupted_run(image_folder, vae_dir, tmp_path, monkeypatch):
-    preprocess(image_folder, tmp_path / "whole", vae_dir, "--flip")
+@pytest.mark.parametrize("flags", [["--flip"], ["--flip", "--keep-images"]])
+def test_resume_after_interruption_equals_an_uninterrupted_run(flags, image_folder, vae_dir, tmp_path, monkeypatch):
+    """An interrupted run, rerun, writes exactly the files of a run never interrupted (the images too)."""
+    preprocess(image_folder, tmp_path / "whole", vae_dir, *flags)
+
+    keep_images, resumed = "--keep-images" in flags, tmp_path / "resumed"
+    # The process dies while it writes the last array file of shard 2 (with --keep-images, its samples
+    # are written by then), leaving a temp file.
+    last_file = store.shard_images_file(2) if keep_images else store.shard_data_file(2)
+    real_write_npy = store._write_npy_atomic
+
+    def write_npy_or_crash(path, blocks):
+        if path.name == last_file:
+            path.with_name(f".{path.name}.tmp-1").write_bytes(b"partial")
+            raise KeyboardInterrupt
+        return real_write_npy(path, blocks)
+
+    monkeypatch.setattr(store, "_write_npy_atomic", write_npy_or_crash)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(image_folder, resumed, vae_dir, *flags)
+    monkeypatch.undo()
+    assert not (resumed / store.INDEX_FILE).exists()
+    assert store.is_shard_done(resumed, 1) and not store.is_shard_done(resumed, 2)
+    (resumed / last_file).write_bytes(b"partial")  # what a write that is not atomic would leave
 
     real_write_shard = store.write_shard
     written = []
-
-    def write_shard_then_crash(root, shard, *args):
-        if len(written) == 2:
-            raise KeyboardInterrupt  # the process dies while the third shard is being encoded
-        real_write_shard(root, shard, *args)
-        written.append(shard)
-
-    monkeypatch.setattr(store, "write_shard", write_shard_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        preprocess(image_folder, tmp_path / "resumed", vae_dir, "--flip")
-    assert not (tmp_path / "resumed" / store.INDEX_FILE).exists()
-    # Debris of a crash during a write: a temp file, and a data file whose manifest was never written.
-    (tmp_path / "resumed" / ".shard-00002.npy.tmp-1").write_bytes(b"partial")
-    (tmp_path / "resumed" / "shard-00002.npy").write_bytes(b"partial")
-
-    written.clear()
     monkeypatch.setattr(
         store,
         "write_shard",
-        lambda root, shard, *args: (real_write_shard(root, shard, *args), written.append(shard)),
+        lambda root, shard, *rest, **options: (real_write_shard(root, shard, *rest, **options), written.append(shard)),
     )
-    preprocess(image_folder, tmp_path / "resumed", vae_dir, "--flip")
+    preprocess(image_folder, resumed, vae_dir, *flags)
     assert written == [2, 3]  # only the unfinished shards were encoded
-    assert output_files(tmp_path / "resumed") == output_files(tmp_path / "whole")
+    assert output_files(resumed) == output_files(tmp_path / "whole")
+    assert keep_images == (store.shard_images_file(3) in output_files(tmp_path / "whole"))
     written.clear()
-    preprocess(image_folder, tmp_path / "resumed", vae_dir, "--flip")  # a finished run is left as it is
+    preprocess(image_folder, resumed, vae_dir, *flags)  # a finished run is left as it is
     assert written == []
+    LatentDataset(resumed, with_images=keep_images).verify()
 
 
 def test_several_processes_write_what_one_process_writes(image_folder, tmp_path):
@@ -333,35 +409,61 @@ def test_several_processes_write_what_one_process_writes(image_folder, tmp_path)
 
 def test_rerun_with_other_settings_is_refused(image_folder, tmp_path):
     preprocess(image_folder, tmp_path / "out")
-    with pytest.raises(SystemExit, match=r"resolution: 16 then, 32 now"):
-        main(
-            [
-                "--input",
-                str(image_folder),
-                "--output",
-                str(tmp_path / "out"),
-                "--resolution",
-                "32",
-                "--vae",
-                "none",
-            ]
-        )
+    with pytest.raises(UserError, match=r"resolution: 16 then, 32 now"):
+        main(["--input", str(image_folder), "--output", str(tmp_path / "out"), "--resolution", "32", "--vae", "none"])
+
+
+def test_keep_images_is_a_setting_a_resumed_run_must_match(image_folder, vae_dir, tmp_path, monkeypatch):
+    def crash(*args):
+        raise KeyboardInterrupt  # the run dies after its last shard, before writing the index
+
+    monkeypatch.setattr(store, "finalize", crash)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(image_folder, tmp_path / "out", vae_dir)
+    monkeypatch.undo()
+    before = output_files(tmp_path / "out")
+    with pytest.raises(UserError, match=r"keep_images: False then, True now.*choose a new --output"):
+        preprocess(image_folder, tmp_path / "out", vae_dir, "--keep-images")
+    assert output_files(tmp_path / "out") == before
+    # A run.json written before keep_images existed is a run without it.
+    settings = store.read_json(tmp_path / "out" / store.RUN_FILE)
+    del settings["keep_images"]
+    store.write_json(tmp_path / "out" / store.RUN_FILE, settings)
+    with pytest.raises(UserError, match=r"keep_images: False then, True now"):
+        preprocess(image_folder, tmp_path / "out", vae_dir, "--keep-images")
+    assert not preprocess(image_folder, tmp_path / "out", vae_dir)["has_images"]
 
 
 @pytest.mark.parametrize(
     "case, message",
     [
+        ("missing input", "--input .*/no/such/folder does not exist"),
+        ("input is a file", "--input .*/a_file is not a directory"),
         ("empty folder", "contains no images"),
         ("empty class folder", "class folder .*empty_class contains no images"),
         ("missing vae directory", "neither a local directory nor a hub id"),
         ("vae directory without a model", "cannot load the VAE .* no file named config.json"),
         ("resolution the vae cannot divide", "--resolution 15 is not divisible by 2"),
+        ("resolution 0", "--resolution must be positive, got 0"),
+        ("batch size 0", "--batch-size must be positive, got 0"),
+        ("negative workers", "--num-workers must be non-negative, got -1"),
+        ("images per shard 0", "--images-per-shard must be positive, got 0"),
         ("output folder of something else", "is not empty and holds no run.json"),
+        ("output is a file", "--output .*/out exists and is not a directory"),
+        ("output inside a file", "--output .*/a_file/out cannot be created: .*/a_file is not a directory"),
+        ("output in a read-only folder", "--output .*/locked/out: no permission to write in .*/locked$"),
+        ("damaged run.json", "run.json is not valid JSON .* truncated or corrupt"),
     ],
 )
-def test_bad_input_is_a_clear_error_before_any_work(case, message, image_folder, vae_dir, tmp_path):
+def test_bad_input_is_a_clear_error_before_any_work(case, message, image_folder, vae_dir, tmp_path, monkeypatch):
     input_dir, vae, resolution, output = image_folder, vae_dir, RESOLUTION, tmp_path / "out"
-    if case == "empty folder":
+    extra = []
+    (tmp_path / "a_file").write_text("not a folder")
+    if case == "missing input":
+        input_dir = tmp_path / "no" / "such" / "folder"
+    elif case == "input is a file":
+        input_dir = tmp_path / "a_file"
+    elif case == "empty folder":
         input_dir = tmp_path / "empty"
         input_dir.mkdir()
     elif case == "empty class folder":
@@ -376,19 +478,51 @@ def test_bad_input_is_a_clear_error_before_any_work(case, message, image_folder,
         vae.mkdir()
     elif case == "resolution the vae cannot divide":
         resolution = 15
+    elif case == "resolution 0":
+        resolution = 0
+    elif case == "batch size 0":
+        extra = ["--batch-size", "0"]
+    elif case == "negative workers":
+        extra = ["--num-workers", "-1"]
+    elif case == "images per shard 0":
+        extra = ["--images-per-shard", "0"]
     elif case == "output folder of something else":
         output.mkdir()
         (output / "thesis.tex").write_text("precious")
-    argv = [
-        "--input",
-        str(input_dir),
-        "--output",
-        str(output),
-        "--resolution",
-        str(resolution),
-        "--vae",
-        str(vae),
-    ]
-    with pytest.raises(SystemExit, match=message):
-        main(argv)
-    assert sorted(path.name for path in output.glob("*")) == (["thesis.tex"] if output.exists() else [])
+    elif case == "output is a file":
+        output.write_text("precious")
+    elif case == "output inside a file":
+        output = tmp_path / "a_file" / "out"
+    elif case == "output in a read-only folder":
+        output = tmp_path / "locked" / "out"
+        output.parent.mkdir()
+        # chmod does not lock out root (as tests in a container often run), so the folder is locked
+        # where the check asks.
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != output.parent and access(path, mode))
+    elif case == "damaged run.json":
+        output.mkdir()
+        (output / store.RUN_FILE).write_text('{"format_version": 1, "inpu')
+    before = sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*"))
+    argv = ["--input", str(input_dir), "--output", str(output), "--resolution", str(resolution), "--vae", str(vae)]
+    with pytest.raises(UserError, match=message) as error:
+        main(argv + extra)
+    assert "\n" not in str(error.value)
+    assert sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_input_without_one_readable_image_is_a_clear_error(image_folder, tmp_path):
+    (tmp_path / "images" / "cherry").mkdir(parents=True)
+    for path in UNREADABLE:
+        (tmp_path / "images" / path).write_bytes((image_folder / path).read_bytes())
+    with pytest.raises(UserError, match=rf"none of the 2 input images could be read; see {tmp_path}/out/skipped.txt"):
+        preprocess(tmp_path / "images", tmp_path / "out")
+    assert not (tmp_path / "out" / store.INDEX_FILE).exists()
+
+
+def test_a_mistake_on_the_command_line_is_one_line_and_exit_status_2(image_folder, tmp_path):
+    (tmp_path / "out").write_text("precious")
+    command = [sys.executable, "-m", "preprocessing", "--input", str(image_folder), "--output", str(tmp_path / "out")]
+    result = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == f"error: --output {tmp_path / 'out'} exists and is not a directory\n"
