@@ -29,7 +29,6 @@ from sampling import (
     build_objective,
     check_compatible,
     check_settings,
-    checkpoint_config,
     close_distributed,
     init_distributed,
     load_decoder,
@@ -38,6 +37,7 @@ from sampling import (
     resolve,
     save_pngs,
     sum_over_processes,
+    training_info,
     write_settings,
 )
 
@@ -185,10 +185,10 @@ def main(argv=None):
 def build(args, settings, device):
     """Model, objective, decoder and the settings record, every mismatch reported before sampling."""
     model, loaded = load_model(args.ckpt, args.model, args.time_convention, args.weights)
-    config = checkpoint_config(args.ckpt)
-    objective = build_objective(loaded, config)
+    info = training_info(args.ckpt)
+    objective = build_objective(loaded, info)
     fill_sampler(settings, objective, models.model_family(loaded.name))
-    decoder = load_decoder(args.vae, config, device)
+    decoder = load_decoder(args.vae, info, device)
     image_size = check_compatible(loaded.model, decoder, args.image_size, settings["cfg_scale"])
     record = image_settings(args, settings, loaded, decoder, image_size, device)
     sample_shape = (loaded.model.in_channels, loaded.model.input_size, loaded.model.input_size)

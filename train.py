@@ -1,10 +1,10 @@
-"""Train DiT/SiT with Self-Representation Alignment (or as the plain baseline with --sra off).
+"""Train DiT/SiT with representation guidance: SRA (the default), REPA, or none (the baseline).
 
     accelerate launch train.py --preset sit-b2-sra --data-dir data/imagenet256-latents
+    accelerate launch train.py --preset sit-b2-repa --data-dir data/imagenet256-with-images
 
 Rerunning the same command resumes from the newest valid checkpoint in the run directory.
 """
-import argparse
 import json
 import time
 from pathlib import Path
@@ -13,209 +13,206 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-import configs
-import models
-import sra
-from preprocessing.dataset import LatentDataset, make_loader
+from configs import cli
+from errors import UserError, run_cli
+from preprocessing.dataset import LatentDataset, ResumableSampler, make_loader
 from sampling.pipeline import load_decoder
-from training.checkpoints import load_latest, save_checkpoint
+from training.checkpoints import check_loadable, load_latest, restore, save_checkpoint
 from training.fid import InTrainingFID
+from training.guard import NonFiniteGuard
 from training.metrics import MetricsLogger
 from training.samples import grid_inputs, save_sample_grid
-from training.setup import build_run, check_resumable, finalize_config
+from training.setup import build_run, check_resumable, compile_run, data_facts, run_record
 from training.step import micro_batches, train_step
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=configs.PRESET_NAMES, help="named starting config")
-    parser.add_argument("--dry-run", action="store_true", help="print and save the resolved config, then stop")
-    flag = parser.add_argument
-    on_off = ("on", "off")
-    flag("--data-dir", help="dataset written by `python -m preprocessing`")
-    flag("--results-dir")
-    flag("--run-name", help="run directory name under --results-dir (default: the preset or model name)")
-    flag("--seed", type=int)
-    flag("--model", choices=models.MODEL_NAMES)
-    flag("--class-dropout-prob", type=float)
-    flag("--qk-norm", choices=on_off)
-    flag("--learn-sigma", choices=on_off)
-    flag("--path", choices=("linear", "cosine", "vp"), help="flow interpolant (SiT)")
-    flag("--prediction", choices=("velocity", "noise", "score"), help="flow model output (SiT)")
-    flag("--time-sampling", choices=("uniform", "lognormal"), help="flow training times (SiT)")
-    flag("--dit-teacher-min-step", type=int, help="DiT teacher step floor: 0 (paper) or 1 (release)")
-    flag("--sra", choices=on_off, help="off trains the plain baseline, everything else identical")
-    flag("--student-depth", type=int, help="k_s: align the output of this many student blocks")
-    flag("--teacher-depth", type=int, help="k_T: target = output of this many teacher blocks")
-    flag("--t-max", type=float, help="teacher interval Δ as a fraction of the time range")
-    flag("--interval", choices=("dynamic", "fixed"), help="Δ ~ U(0, t_max) or Δ = t_max")
-    flag("--align-distance", choices=sra.DISTANCES)
-    flag("--smooth-l1-beta", type=float)
-    flag("--align-weight", type=float, help="λ")
-    flag("--align-weight-schedule", choices=sra.WEIGHT_SCHEDULES)
-    flag("--align-decay-start-epoch", type=int)
-    flag("--align-decay-epochs", type=int)
-    flag("--ema-decay", type=float)
-    flag("--max-steps", type=int)
-    flag("--global-batch-size", type=int, help="images per optimizer step over all processes")
-    flag("--grad-accum-steps", type=int)
-    flag("--lr", type=float)
-    flag("--adam-beta1", type=float)
-    flag("--adam-beta2", type=float)
-    flag("--weight-decay", type=float)
-    flag("--max-grad-norm", type=float)
-    flag("--mixed-precision", choices=("bf16", "fp16", "no"))
-    flag("--tf32", choices=on_off)
-    flag("--compile", choices=on_off)
-    flag("--max-nonfinite-steps", type=int)
-    flag("--num-workers", type=int)
-    flag("--log-every", type=int)
-    flag("--ckpt-every", type=int)
-    flag("--keep-last", type=int)
-    flag("--milestone-every", type=int, help="also keep every checkpoint at a multiple of this (0: none)")
-    flag("--sample-every", type=int, help="EMA sample grid every N steps (0: never)")
-    flag("--sample-grid-size", type=int)
-    flag("--sample-steps", type=int)
-    flag("--vae", help="VAE for decoding sample grids (default: the dataset's)")
-    flag("--eval-every", type=int, help="FID-K of the EMA every N steps (0: never)")
-    flag("--eval-ref", help="reference statistics .npz (evaluations.evaluator --save-ref-stats)")
-    flag("--eval-samples", type=int, help="K, images per FID-K evaluation over all processes")
-    flag("--eval-batch-size", type=int, help="FID-K sampling batch per process")
-    flag("--eval-steps", type=int, help="sampling steps of the FID-K samples")
-    flag("--wandb", choices=on_off)
-    flag("--tensorboard", choices=on_off)
-    args = parser.parse_args(argv)
-    overrides = {key: value for key, value in vars(args).items() if key not in ("preset", "dry_run")}
-    for key, value in overrides.items():
-        if value in on_off:
-            overrides[key] = value == "on" if key != "sra" else value
-    return args, configs.resolve(args.preset, overrides)
+def open_dataset(config, accelerator):
+    """The dataset, checked against what the run needs and verified by its checksums (the first time;
+    a stamp makes later runs skip the hashing). The main process verifies first."""
+    if config.run.data_dir is None:
+        raise UserError("--data-dir is required (a dataset written by `python -m preprocessing`)")
+    needs_images = config.guidance is not None and _method_class(config).needs_images
+    dataset = LatentDataset(config.run.data_dir, with_images=needs_images)
+    with accelerator.main_process_first():
+        dataset.verify()
+    return dataset
+
+
+def _method_class(config):
+    from guidance.registry import METHODS
+
+    return METHODS[config.method]
+
+
+def resume_state(config, run_dir, record, accelerator):
+    """(state or None, path). Every mismatch with the saved run is an error here, before anything is
+    written; a run whose checkpoints are all unreadable starts over only with --restart."""
+    state, path, unreadable = load_latest(run_dir / "checkpoints")
+    if state is None and unreadable and not config.run.restart:
+        raise UserError(
+            f"none of the {len(unreadable)} checkpoints in {run_dir / 'checkpoints'} can be read (newest: "
+            f"{unreadable[0][0].name}, {unreadable[0][1]}); rerun with --restart to start over from step 0 "
+            "(they are kept), or restore a good copy")
+    if state is not None:
+        check_loadable(state, path, accelerator)
+        check_resumable(state["config"], record)
+    return state, path
 
 
 def main(argv=None):
-    args, config = parse_args(argv)
-    mixed = config["mixed_precision"]
+    args, config = cli.parse(argv, __doc__)
     # Several CPU processes (gloo) only when no GPU is present, e.g. tests and CPU smoke runs.
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=config.optim.mixed_precision, cpu=not torch.cuda.is_available())
     device = accelerator.device
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = config["tf32"]
-        torch.backends.cudnn.allow_tf32 = config["tf32"]
+        torch.backends.cuda.matmul.allow_tf32 = config.optim.tf32
+        torch.backends.cudnn.allow_tf32 = config.optim.tf32
 
-    # Data first: every mismatch is reported before any model is built.
-    if config["data_dir"] is None:
-        raise ValueError("--data-dir is required (a dataset written by `python -m preprocessing`)")
-    dataset = LatentDataset(config["data_dir"])
-    config = finalize_config(config, dataset, accelerator.num_processes)
-    run_dir = Path(config["results_dir"]) / config["run_name"]
-    state, state_path = load_latest(run_dir / "checkpoints")
-    if state is not None:
-        check_resumable(state["config"], config)
+    # Every check before anything is written: data, then the resumed run, then the parts themselves.
+    dataset = open_dataset(config, accelerator)
+    facts = data_facts(config, dataset, accelerator.num_processes)
+    run_dir = Path(config.run.results_dir) / config.run_name
+    parts = build_run(config, facts, accelerator)
+    identity = parts.guidance.identity() if parts.guidance is not None else {}
+    record = run_record(config, facts, identity)
+    state, state_path = resume_state(config, run_dir, record, accelerator)
+    start_step = state["step"] if state is not None else 0
+    output = config.output
+    decoder = eval_fid = None
+    if output.sample_every or output.eval_every:
+        decoder = load_decoder(output.vae, {"vae": output.vae, "data_dir": config.run.data_dir}, device)
+    if output.eval_every:
+        eval_fid = InTrainingFID(output.eval_ref, output.eval_samples, output.eval_batch_size, output.eval_steps,
+                                 dataset.meta["sample_shape"], facts.num_classes, accelerator,
+                                 image_size=facts.input_size * decoder.downsample)
     if accelerator.is_main_process:
-        print(json.dumps(config, indent=2))
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (run_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+        print(f"config: {run_dir / 'config.json'} (method {config.method}, {config.model.model}, "
+              f"{facts.num_samples} samples, {accelerator.num_processes} process(es))")
     if args.dry_run:
-        return {"config": config}
+        return {"config": config, "record": record}
+    if start_step >= config.optim.max_steps:
+        accelerator.print(f"{run_dir} is at step {start_step}, which is not before --max-steps "
+                          f"{config.optim.max_steps}: nothing to train (raise --max-steps to continue)")
+        return {"config": config, "record": record, "student": parts.student, "ema": parts.ema}
 
-    parts = build_run(config, accelerator, state)
+    counters = None
     if state is not None:
-        accelerator.print(f"resumed from {state_path} at step {parts.start_step}")
+        restore(state, parts, accelerator)
+        counters = state["counters"]
+        accelerator.print(f"resumed from {state_path} at step {start_step}")
     del state
-    student, trained, ema, optimizer = parts.student, parts.trained, parts.ema, parts.optimizer
-    objective, counters, start_step = parts.objective, parts.counters, parts.start_step
-
+    compile_run(parts, config)
+    guard = NonFiniteGuard(config.optim.max_nonfinite_steps, output.log_every, device, counters)
+    train_seconds = (counters or {}).get("train_seconds", 0.0)
     loader = make_loader(
-        dataset, config["per_gpu_batch_size"], rank=accelerator.process_index,
-        world_size=accelerator.num_processes, seed=config["seed"],
-        consumed=start_step * config["per_gpu_batch_size"] * config["grad_accum_steps"],
-        num_workers=config["num_workers"],
+        dataset, facts.per_gpu_batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        seed=config.run.seed, consumed=start_step * facts.per_gpu_batch_size * config.optim.grad_accum_steps,
+        num_workers=config.run.num_workers,
     )
-    logger = None
-    grid_z = grid_y = fid = None
-    needs_decoder = config["sample_every"] or config["eval_every"]
-    decode = load_decoder(config["vae"], config, device).decode if needs_decoder else None
-    if config["eval_every"]:
-        fid = InTrainingFID(config["eval_ref"], config["eval_samples"], config["eval_batch_size"],
-                            config["eval_steps"], dataset.meta["sample_shape"], config["num_classes"], accelerator)
+    logger = grid_z = grid_y = None
     if accelerator.is_main_process:
-        logger = MetricsLogger(run_dir, config, start_step, config["tensorboard"], config["wandb"])
-        if config["sample_every"]:
-            grid_z, grid_y = grid_inputs(config["sample_grid_size"], dataset.meta["sample_shape"],
-                                         config["num_classes"], device)
+        logger = MetricsLogger(run_dir, record, config.run_name, start_step, output.tensorboard, output.wandb)
+        if output.sample_every:
+            grid_z, grid_y = grid_inputs(output.sample_grid_size, dataset.meta["sample_shape"], facts.num_classes,
+                                         device)
 
     # The loop. Metrics stay on the device between log steps, so the loop never waits on the host.
     window = torch.zeros(3, device=device)
     window_start, window_steps = time.perf_counter(), 0
-    progress = tqdm(total=config["max_steps"], initial=start_step, disable=not accelerator.is_main_process,
+    progress = tqdm(total=config.optim.max_steps, initial=start_step, disable=not accelerator.is_main_process,
                     dynamic_ncols=True)
-    trained.train()
-    for step in range(start_step + 1, config["max_steps"] + 1):
-        weight = sra.align_weight(
-            step - 1, config["align_weight_schedule"], config["align_weight"], config["steps_per_epoch"],
-            config["align_decay_start_epoch"], config["align_decay_epochs"],
-        )
-        batches = micro_batches(loader, config["grad_accum_steps"])
-        totals, grad_norm, finite = train_step(
-            batches, dataset.meta, parts.loss_fn, trained, ema.model, optimizer, parts.scaler, config, weight,
-            accelerator,
-        )
-        ema.update(student.backbone, apply=finite)
-        skipped = (~finite).float()
-        counters["nonfinite_total"] += skipped
-        counters["nonfinite_run"] = (counters["nonfinite_run"] + 1) * skipped
+    parts.trained.train()
+    for step in range(start_step + 1, config.optim.max_steps + 1):
+        weight = config.guidance.weight(step - 1, facts.steps_per_epoch) if config.guidance is not None else 0.0
+        batches = micro_batches(loader, config.optim.grad_accum_steps)
+        totals, grad_norm, finite = train_step(batches, dataset.meta, parts.loss_fn, parts.trained, parts.optimizer,
+                                               parts.scaler, accelerator, weight, config.optim.max_grad_norm)
+        parts.ema.update(parts.student.backbone, apply=finite)
+        guard.record(step, finite)
         window += totals
         window_steps += 1
         progress.update(1)
+        last = step == config.optim.max_steps
+        if guard.due() or last:
+            stop_if_nonfinite(guard.check(), config, facts, accelerator, run_dir)
 
-        if step % config["log_every"] == 0 or step == config["max_steps"]:
-            values = log_window(window / window_steps, grad_norm, counters, window_steps, window_start, config,
-                                accelerator, weight)
-            progress.set_postfix(loss=f"{values['loss']:.4f}", align=f"{values['align']:.4f}",
-                                 img_s=f"{values['img_per_s']:.1f}")
+        if step % output.log_every == 0 or last:
+            seconds = time.perf_counter() - window_start
+            train_seconds += seconds
+            values = log_window(window / window_steps, grad_norm, guard, window_steps, seconds, train_seconds,
+                                config, accelerator, weight)
+            postfix = {"loss": f"{values['loss']:.4f}", "img_s": f"{values['img_per_s']:.1f}"}
+            if config.guidance is not None:
+                postfix["align"] = f"{values['align']:.4f}"
+            progress.set_postfix(postfix)
             if logger is not None:
                 logger.log(step, values)
-            if values["nonfinite_run"] >= config["max_nonfinite_steps"]:
-                raise RuntimeError(
-                    f"{int(values['nonfinite_run'])} consecutive steps had non-finite gradients (step {step}); "
-                    f"stopping. The last checkpoint in {run_dir / 'checkpoints'} is intact."
-                )
             window.zero_()
-            window_start, window_steps = time.perf_counter(), 0
-        if step % config["ckpt_every"] == 0 or step == config["max_steps"]:
-            save_checkpoint(run_dir, step, config, student, ema, optimizer, parts.scaler, counters, accelerator)
-        if config["sample_every"] and (step % config["sample_every"] == 0 or step == config["max_steps"]):
+            window_steps = 0
+        side_start = time.perf_counter()  # checkpoints, grids and FID do not count as training time
+        if step % output.ckpt_every == 0 or last:
+            counters = {**guard.counters(), "train_seconds": train_seconds}
+            save_checkpoint(run_dir, step, record, parts, counters, accelerator)
+        if output.sample_every and (step % output.sample_every == 0 or last):
             if accelerator.is_main_process:
-                save_sample_grid(ema.model, objective, decode, grid_z, grid_y,
-                                 run_dir / f"samples_{step:07d}.png", config["sample_steps"])
+                save_sample_grid(parts.ema.model, parts.objective, decoder.decode, grid_z, grid_y,
+                                 run_dir / f"samples_{step:07d}.png", output.sample_steps)
             accelerator.wait_for_everyone()
-        if fid is not None and (step % config["eval_every"] == 0 or step == config["max_steps"]):
-            value = fid(ema.model, objective, decode)
+        if eval_fid is not None and (step % output.eval_every == 0 or last):
+            value = eval_fid(parts.ema.model, parts.objective, decoder.decode)
             if logger is not None:
-                logger.log(step, {f"fid{config['eval_samples']}": value})
-                progress.write(f"step {step}: FID-{config['eval_samples']} {value:.2f}")
+                logger.log(step, {f"fid{output.eval_samples}": value, "train_time_s": train_seconds})
+                progress.write(f"step {step}: FID-{output.eval_samples} {value:.2f}")
+        if window_steps == 0:
+            window_start = time.perf_counter()
+        else:
+            window_start += time.perf_counter() - side_start
     progress.close()
     if logger is not None:
         logger.close()
     accelerator.end_training()
-    return {"config": config, "student": student, "ema": ema}
+    return {"config": config, "record": record, "student": parts.student, "ema": parts.ema}
 
 
-def log_window(means, grad_norm, counters, steps, start, config, accelerator, weight):
+def stop_if_nonfinite(streak, config, facts, accelerator, run_dir):
+    """Stop the run, naming the steps and this process's samples in them, once a streak of skipped
+    steps reached --max-nonfinite-steps."""
+    if streak is None:
+        return
+    length, steps = streak
+    per_step = facts.per_gpu_batch_size * config.optim.grad_accum_steps
+    sampler = ResumableSampler(facts.num_samples, rank=accelerator.process_index,
+                               world_size=accelerator.num_processes, seed=config.run.seed)
+    shown = []
+    for step in steps[-4:]:
+        epoch_pos = sampler.state((step - 1) * per_step)
+        indices = sampler.epoch_indices(epoch_pos["epoch"])[epoch_pos["position"]:][:per_step].tolist()
+        shown.append(f"step {step}: {indices[:8]}{' …' if len(indices) > 8 else ''}")
+    raise RuntimeError(
+        f"{length} consecutive steps had non-finite gradients (steps {steps[0]}–{steps[-1]}, "
+        f"--max-nonfinite-steps {config.optim.max_nonfinite_steps}); each was skipped, so the weights are those "
+        f"before step {steps[0]}. Dataset indices of process {accelerator.process_index} in the last of them: "
+        f"{'; '.join(shown)}. The checkpoints in {run_dir / 'checkpoints'} are intact.")
+
+
+def log_window(means, grad_norm, guard, steps, seconds, train_seconds, config, accelerator, weight):
     """Average the window's loss terms over processes and read them to the host (one sync)."""
     means = accelerator.reduce(means, reduction="mean")
     loss, gen, align = means.tolist()
-    seconds = time.perf_counter() - start
-    values = {
-        "loss": loss, "gen_loss": gen, "align": align, "align_weight": weight,
-        "grad_norm": float(grad_norm), "nonfinite_total": float(counters["nonfinite_total"]),
-        "nonfinite_run": float(counters["nonfinite_run"]),
-        "step_time_s": seconds / steps, "img_per_s": steps * config["global_batch_size"] / seconds,
-    }
+    values = {"loss": loss, "gen_loss": gen}
+    if config.guidance is not None:
+        values.update(align=align, align_weight=weight)
+    values.update({
+        "grad_norm": float(grad_norm), "nonfinite_total": float(guard.total),
+        "nonfinite_run": float(guard.run), "step_time_s": seconds / steps,
+        "img_per_s": steps * config.optim.global_batch_size / seconds, "train_time_s": train_seconds,
+    })
     if accelerator.device.type == "cuda":
         values["peak_mem_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
     return values
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

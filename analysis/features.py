@@ -22,9 +22,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import models
-from diffusion import Objective
+from objectives import Objective
 from preprocessing.dataset import LatentDataset, sample_model_input
-from sampling.pipeline import build_objective, checkpoint_config
+from sampling.pipeline import build_objective, training_info
 from sampling.seeds import derived_seed
 
 NOISE_STREAM = 0  # the latent draw and ε of dataset sample i (sampling.seeds.derived_seed streams)
@@ -80,7 +80,7 @@ def load_feature_model(path, weights="ema", model_name=None, time_convention=Non
     model = loaded.model.eval().requires_grad_(False)
     if model.y_embedder.embedding_table.num_embeddings <= model.num_classes:
         raise ValueError(f"{path}: the model has no null class, and probing feeds the null class label")
-    objective = build_objective(loaded, checkpoint_config(path))
+    objective = build_objective(loaded, training_info(path))
     return FeatureModel(model, objective, loaded.time_convention, loaded.name, loaded.source, loaded.notes)
 
 

@@ -29,7 +29,7 @@ from analysis.pca import input_pictures, pca_panels
 from analysis.plots import plot_checkpoint, plot_comparison, save_pca_figure
 from analysis.probe import ProbeConfig, top1_accuracy, train_linear_probe
 from preprocessing.dataset import LatentDataset
-from sampling.pipeline import checkpoint_config
+from sampling.pipeline import training_info
 
 WEIGHTS = ("ema", "model")  # the SRA teacher and the online student (SPEC §3)
 VAL_FRACTION = 0.1  # held-out share of --data-dir when there is no --val-dir (a choice)
@@ -119,7 +119,7 @@ def _check_models(feature_models: dict, blocks, split: Split):
 
 def _training_data_dir(checkpoints) -> str:
     """The data_dir every checkpoint of this project was trained on, when they agree."""
-    found = {checkpoint_config(path).get("data_dir") for path in checkpoints.values()}
+    found = {training_info(path).get("data_dir") for path in checkpoints.values()}
     if len(found) != 1 or None in found:
         raise ValueError("pass --data-dir: the checkpoints do not name one training dataset")
     return found.pop()

@@ -1,19 +1,27 @@
-"""Training-step cost of SRA against the plain baseline, measured in one run (issue: SRA and the loop).
+"""Training-step cost of each guidance method against the plain baseline, measured in one run.
 
 Variants, all with the same model, batch, precision and optimizer, through train.py's own `train_step`:
-  baseline        --sra off
-  sra             this project: teacher runs k_T blocks only, under the training autocast
-  sra-full        teacher runs every block and the final layer (what the release computes)
+  none            --guidance none (the baseline)
+  sra             --guidance sra: the teacher runs k_T blocks only, under the training autocast
+  sra-full        SRA with the teacher run through every block and the final layer (what the release computes)
   sra-full-fp32   as sra-full, and in fp32 (the release's teacher exactly)
+  repa            --guidance repa: DINOv2 ViT-B/14 (REPA's default; random weights, same cost) on the clean
+                  images, REPA's projector, −cos
 
-    python bench/bench_train_step.py --model SiT-S/2 --input-size 16 --batch-size 8 --rounds 5   # CPU, fp32
-    python bench/bench_train_step.py --model SiT-XL/2 --batch-size 32 --precision bf16 --compile
+Step times come from one process in which all variants are built and timed in alternating rounds
+(--rounds), so that a load that comes and goes on a shared machine touches every variant alike. Peak
+memory (--memory) comes from one fresh subprocess per variant: CUDA's max allocated bytes, or on the CPU
+the process's peak resident set size (which includes the ~0.3 GB of Python and torch themselves).
+
+    python bench/bench_train_step.py --model SiT-B/2 --input-size 8 --batch-size 4 --rounds 5 --memory   # CPU
+    python bench/bench_train_step.py --model SiT-XL/2 --batch-size 32 --precision bf16 --memory
 """
 
 import argparse
 import gc
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,12 +31,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
-import sra  # noqa: E402
-from diffusion import create_objective  # noqa: E402
+from guidance import GuidanceContext, Student, TrainingLoss  # noqa: E402
+from objectives.registry import objective_for_model  # noqa: E402
+from repa import REPA, REPAConfig  # noqa: E402
+from repa.encoder import ENCODERS, ImageEncoder  # noqa: E402
+from sra import SRA, SRAConfig  # noqa: E402
+from training.ema import EMA  # noqa: E402
 from training.step import train_step  # noqa: E402
 
-VARIANTS = ("baseline", "sra", "sra-full", "sra-full-fp32")
+VARIANTS = ("none", "sra", "sra-full", "sra-full-fp32", "repa")
 PIXEL_META = {"kind": "pixels"}  # the bench feeds ready model inputs: no latent sampling
+LATENT_DOWNSAMPLE = 8  # SD-VAE: the clean images REPA's encoder sees are 8× the latent side
 
 
 class FullDepthTeacher:
@@ -61,27 +74,42 @@ class BenchAccelerator:
         loss.backward()
 
 
+def random_encoder(grid):
+    """REPA's default encoder architecture with random weights: the cost of the real one, no download."""
+    import timm
+
+    vit = timm.create_model(ENCODERS["dinov2-vit-b"].split(".")[0], pretrained=False, num_classes=0,
+                            img_size=grid * 14)
+    return ImageEncoder(vit, grid)
+
+
 def build(variant, args):
     backbone = models.create_model(args.model, args.input_size, 4, 1000)
-    student_depth, teacher_depth = sra.default_block_pair(args.model)
-    use_sra = variant != "baseline"
-    head = sra.ProjectionHead(backbone.hidden_size) if use_sra else None
-    student = sra.Student(backbone, head, student_depth if use_sra else None).to(args.device).train()
-    ema = sra.EMATeacher(backbone.to(args.device))
-    objective = create_objective("flow")
-    config = sra.SRAConfig(student_depth, teacher_depth, sra.T_MAX) if use_sra else None
-    loss_fn = sra.TrainingLoss(objective, 0.1, 1000, config)
-    teacher = (
-        ema.model if variant in ("baseline", "sra") else FullDepthTeacher(ema.model, variant.endswith("fp32"))
-    )
+    ema = EMA(backbone.to(args.device))
+    objective = objective_for_model(args.model)
+    context = GuidanceContext(objective, ema.model, backbone, torch.device(args.device))
+    guidance = None
+    if variant.startswith("sra"):
+        guidance = SRA(SRAConfig().resolved_for(args.model, backbone.depth), context)
+        if variant != "sra":
+            guidance.teacher = FullDepthTeacher(ema.model, variant.endswith("fp32"))
+    elif variant == "repa":
+        grid = round(backbone.num_patches**0.5)
+        guidance = REPA(REPAConfig().resolved_for(args.model, backbone.depth), context, random_encoder(grid))
+    head = guidance.build_head(backbone.hidden_size) if guidance is not None else None
+    student = Student(backbone, head, guidance.student_depth if guidance else None).to(args.device).train()
+    loss_fn = TrainingLoss(objective, 0.1, 1000, guidance)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
+    trained = student
     if args.compile:
-        student = torch.compile(student)
+        trained = torch.compile(student)
+        teacher = getattr(guidance, "teacher", None)
         if isinstance(teacher, FullDepthTeacher):
             teacher.model.forward_with_features = torch.compile(teacher.model.forward_with_features)
-        else:
+        elif teacher is not None:
             teacher.forward_features = torch.compile(teacher.forward_features)
-    return student, ema, teacher, loss_fn, optimizer, (student_depth, teacher_depth)
+    pair = (guidance.student_depth, getattr(guidance.config, "teacher_depth", None)) if guidance else None
+    return student, trained, ema, loss_fn, optimizer, pair
 
 
 def synchronize(device):
@@ -91,19 +119,19 @@ def synchronize(device):
 
 def make_stepper(variant, args):
     """A function that runs one full training step of `variant`, and its block pair."""
-    student, ema, teacher, loss_fn, optimizer, pair = build(variant, args)
+    student, trained, ema, loss_fn, optimizer, pair = build(variant, args)
     accelerator = BenchAccelerator(args.device, args.precision)
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch_size, 4, args.input_size, args.input_size, generator=generator).to(args.device)
-    y = torch.randint(0, 1000, (args.batch_size,), generator=generator).to(args.device)
-    config = {"grad_accum_steps": 1, "max_grad_norm": 1.0}
-    base = student._orig_mod if args.compile else student
+    n, side = args.batch_size, args.input_size
+    x = torch.randn(n, 4, side, side, generator=generator).to(args.device)
+    y = torch.randint(0, 1000, (n,), generator=generator).to(args.device)
+    images = torch.randint(0, 256, (n, 3, side * LATENT_DOWNSAMPLE, side * LATENT_DOWNSAMPLE),
+                           generator=generator, dtype=torch.uint8).to(args.device)
+    batch = (x, y, images) if variant == "repa" else (x, y)
 
     def step():
-        _, _, finite = train_step(
-            [(x, y)], PIXEL_META, loss_fn, student, teacher, optimizer, None, config, 0.2, accelerator
-        )
-        ema.update(base.backbone, apply=finite)
+        _, _, finite = train_step([batch], PIXEL_META, loss_fn, trained, optimizer, None, accelerator, 0.2, 1.0)
+        ema.update(student.backbone, apply=finite)
 
     return step, pair
 
@@ -119,83 +147,85 @@ def timed(step, count, device):
     return times
 
 
-def warm_up(step, args):
-    start = time.perf_counter()
-    timed(step, args.warmup, args.device)
-    return time.perf_counter() - start
-
-
-def measure(variant, args):
-    """One variant alone: its step times and its peak memory (GPU)."""
-    step, pair = make_stepper(variant, args)
-    warmup_s = warm_up(step, args)
-    if torch.device(args.device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = timed(step, args.steps, args.device)
-    result = {"variant": variant, "median_step_s": statistics.median(times), "warmup_s": warmup_s,
-              "block_pair": pair}
-    if torch.device(args.device).type == "cuda":
-        result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return result
-
-
 def measure_interleaved(args):
-    """All variants built at once and timed in alternating rounds, so that a load that comes and goes on
-    a shared machine touches every variant alike (no memory numbers: the models share the device)."""
     steppers = {variant: make_stepper(variant, args) for variant in args.variants}
-    warmup_s = {variant: warm_up(step, args) for variant, (step, _) in steppers.items()}
+    for step, _ in steppers.values():
+        timed(step, args.warmup, args.device)
     times = {variant: [] for variant in steppers}
     per_round = max(args.steps // args.rounds, 1)
     for _ in range(args.rounds):
         for variant, (step, _) in steppers.items():
             times[variant] += timed(step, per_round, args.device)
     return [{"variant": variant, "median_step_s": statistics.median(times[variant]),
-             "warmup_s": warmup_s[variant], "block_pair": steppers[variant][1]} for variant in steppers]
+             "block_pair": steppers[variant][1]} for variant in steppers]
 
 
-def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", default="SiT-S/2", choices=models.MODEL_NAMES)
+def peak_memory(args):
+    """This process alone runs one variant; its peak memory in GiB."""
+    (variant,) = args.variants
+    step, _ = make_stepper(variant, args)
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    timed(step, args.warmup + 2, args.device)
+    if torch.device(args.device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    # VmHWM, this process's own peak resident set (ru_maxrss would carry the parent's peak across exec).
+    status = Path("/proc/self/status").read_text().splitlines()
+    return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 2**20  # kB
+
+
+def memory_in_subprocesses(args, argv):
+    """Peak memory of each variant, each in a fresh process (same flags, one variant)."""
+    flags = [a for a in argv if a not in ("--memory",)]
+    peaks = {}
+    for variant in args.variants:
+        out = subprocess.run([sys.executable, __file__, *flags, "--variants", variant, "--peak-memory-only"],
+                             check=True, capture_output=True, text=True)
+        peaks[variant] = float(out.stdout.strip().splitlines()[-1])
+        gc.collect()
+    return peaks
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="SiT-B/2", choices=models.MODEL_NAMES)
     parser.add_argument("--input-size", type=int, default=32, help="latent side (32 = 256 px)")
     parser.add_argument("--batch-size", type=int, default=32, help="per-device batch")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="> 1: build every variant at once and alternate them in rounds (shared CPUs)")
+    parser.add_argument("--rounds", type=int, default=4, help="alternate the variants in this many rounds")
+    parser.add_argument("--memory", action="store_true", help="also measure each variant's peak memory alone")
+    parser.add_argument("--peak-memory-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help="append the results as JSON lines here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if torch.device(args.device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
-    results = measure_interleaved(args) if args.rounds > 1 else []
-    for variant in args.variants if args.rounds == 1 else ():
-        results.append(measure(variant, args))
-        gc.collect()  # the last variant's model and optimizer are gone before the next is built
-        if torch.device(args.device).type == "cuda":
-            torch.cuda.empty_cache()
-    baseline = next((r for r in results if r["variant"] == "baseline"), None)
-    setting = (
-        f"{args.model} input {args.input_size} batch {args.batch_size} {args.precision} "
-        f"{'compiled' if args.compile else 'eager'} on {args.device}"
-    )
-    print(f"# {setting}, torch {torch.__version__}")
-    print(f"{'variant':<15}{'step ms':>10}{'vs base':>9}{'peak GiB':>10}{'vs base':>9}")
+    if args.peak_memory_only:
+        print(peak_memory(args))
+        return
+    results = measure_interleaved(args)
+    peaks = memory_in_subprocesses(args, argv) if args.memory else {}
+    baseline = next((r for r in results if r["variant"] == "none"), None)
+    setting = (f"{args.model} input {args.input_size} batch {args.batch_size} {args.precision} "
+               f"{'compiled' if args.compile else 'eager'} on {args.device}")
+    unit = "GiB" if torch.device(args.device).type == "cuda" else "GiB RSS"
+    print(f"# {setting}, torch {torch.__version__}, {args.rounds} rounds of {args.steps // args.rounds} steps")
+    print(f"{'variant':<15}{'step ms':>10}{'vs none':>9}{'peak ' + unit:>14}{'vs none':>9}")
     for r in results:
         time_ratio = r["median_step_s"] / baseline["median_step_s"] if baseline else float("nan")
-        mem = r.get("peak_mem_gib")
-        mem_ratio = mem / baseline["peak_mem_gib"] if baseline and mem else float("nan")
-        mem_text = f"{mem:10.2f}" if mem else f"{'-':>10}"
-        print(
-            f"{r['variant']:<15}{1000 * r['median_step_s']:10.1f}{time_ratio:9.3f}{mem_text}{mem_ratio:9.3f}"
-        )
-        r.update(setting=setting, time_ratio=time_ratio, mem_ratio=mem_ratio, torch=torch.__version__)
+        mem = peaks.get(r["variant"])
+        mem_ratio = mem / peaks["none"] if mem and peaks.get("none") else float("nan")
+        mem_text = f"{mem:14.2f}" if mem else f"{'-':>14}"
+        print(f"{r['variant']:<15}{1000 * r['median_step_s']:10.1f}{time_ratio:9.3f}{mem_text}{mem_ratio:9.3f}")
+        r.update(setting=setting, time_ratio=time_ratio, peak_mem_gib=mem, mem_ratio=mem_ratio,
+                 torch=torch.__version__)
     if args.out:
         with args.out.open("a") as f:
             for r in results:

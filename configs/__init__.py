@@ -1,4 +1,5 @@
-"""Named training presets that command-line flags override."""
-from .presets import DEFAULTS, PRESET_NAMES, PRESETS, resolve
+"""Training configuration: presets (plain data), the typed config sections (`configs.schema`) and the
+command line that resolves flags and presets into them (`configs.cli`)."""
+from .presets import PRESET_NAMES, PRESETS
 
-__all__ = ["DEFAULTS", "PRESETS", "PRESET_NAMES", "resolve"]
+__all__ = ["PRESETS", "PRESET_NAMES"]

@@ -1,74 +1,13 @@
-"""Training presets: the paper's runs (SPEC §4) and small ones for debugging and the demo.
+"""Training presets: the paper's runs (SPEC §4), REPA's for comparison (SPEC §7), and small ones for
+debugging and the demo.
 
-A preset is a partial config; `train.py` fills the rest from DEFAULTS and lets every CLI flag override.
-Values that are None are derived from the model at start-up (the SRA block pair, SPEC §3 table).
+A preset is a partial config keyed by flag name (`t_max` is `--t-max`); `configs.cli.resolve` fills
+the rest from the dataclass defaults (configs/schema.py and each guidance method's config) and lets
+every flag given on the command line override it. Per-model settings that a preset leaves out (the
+block pair, REPA's depth) come from their tables at start-up.
 """
-from sra import ALIGN_WEIGHT, EMA_DECAY, SMOOTH_L1_BETA, T_MAX
-
-STEPS_400K = 400_000  # the paper's ablation length (§4, Table 3.2)
+STEPS_400K = 400_000  # the paper's ablation length (§4, Table 3.2); REPA's 400K-iteration tables
 STEPS_800_EPOCHS = 4_000_000  # 800 ImageNet epochs at batch 256 ≈ 1,281,167·800/256 (SiT-XL/2 + SRA, 1.58 FID)
-
-DEFAULTS = {
-    # data and run
-    "data_dir": None,
-    "results_dir": "results",
-    "run_name": None,  # default: the preset name (or the model name)
-    "seed": 0,
-    # model
-    "model": "SiT-B/2",
-    "class_dropout_prob": 0.1,  # SPEC §1
-    "qk_norm": False,
-    "learn_sigma": None,  # family default: DiT True, SiT False
-    # objective (SPEC §2)
-    "path": "linear",
-    "prediction": "velocity",
-    "time_sampling": "uniform",
-    "dit_teacher_min_step": 0,  # the paper truncates t − Δ at 0; the DiT release clamps at 1
-    # SRA (SPEC §3)
-    "sra": "on",
-    "student_depth": None,
-    "teacher_depth": None,
-    "t_max": T_MAX,
-    "interval": "dynamic",
-    "align_distance": "smooth_l1",
-    "smooth_l1_beta": SMOOTH_L1_BETA,
-    "align_weight": ALIGN_WEIGHT,
-    "align_weight_schedule": "constant",
-    "align_decay_start_epoch": 149,  # release schedule (SPEC §3 step 7)
-    "align_decay_epochs": 1000,
-    "ema_decay": EMA_DECAY,
-    # optimization (SPEC §4)
-    "max_steps": STEPS_400K,
-    "global_batch_size": 256,
-    "grad_accum_steps": 1,
-    "lr": 1e-4,
-    "adam_beta1": 0.9,
-    "adam_beta2": 0.999,
-    "weight_decay": 0.0,
-    "max_grad_norm": 1.0,
-    "mixed_precision": "bf16",
-    "tf32": True,
-    "compile": False,
-    "max_nonfinite_steps": 100,  # consecutive skipped steps before the run stops
-    # data loading
-    "num_workers": 4,
-    # logging and checkpoints
-    "log_every": 100,
-    "ckpt_every": 10_000,
-    "keep_last": 2,
-    "milestone_every": 100_000,
-    "sample_every": 10_000,
-    "sample_grid_size": 16,
-    "sample_steps": 50,
-    "vae": None,  # decoder for sample grids; default: the dataset's VAE
-    "eval_every": 0,  # FID-K of the EMA every N steps (0: never)
-    "eval_ref": None,  # reference statistics (.npz with mu, sigma, mu_s, sigma_s)
-    "eval_samples": 10_000,  # K
-    "eval_batch_size": 125,  # per process
-    "eval_steps": 50,  # sampling steps of the FID-K samples (the default sampler, no guidance)
-    "wandb": False,
-    "tensorboard": True,
-}
 
 # (family, size) -> what the paper trains for it
 _PAPER_RUNS = {
@@ -83,11 +22,16 @@ _PAPER_RUNS = {
 
 PRESETS = {}
 for _name, _run in _PAPER_RUNS.items():
-    PRESETS[_name] = {**_run, "sra": "off"}
-    PRESETS[f"{_name}-sra"] = {**_run, "sra": "on"}
-for _name in ("sit-xl2-512", "sit-xl2-512-sra"):
-    # the release's λ decay at 512 px starts at epoch 99 and spans 800 epochs (SPEC §3 step 7)
-    PRESETS[_name].update(align_decay_start_epoch=99, align_decay_epochs=800)
+    PRESETS[_name] = {**_run, "guidance": "none"}
+    PRESETS[f"{_name}-sra"] = {**_run, "guidance": "sra"}
+# the release's λ decay at 512 px starts at epoch 99 and spans 800 epochs (SPEC §3 step 7)
+PRESETS["sit-xl2-512-sra"].update(align_decay_start_epoch=99, align_decay_epochs=800)
+# REPA with its published settings (SPEC §7; the repository's README scripts): DINOv2 ViT-B/14 on the
+# clean image, projector to 2048, −cos per token, λ 0.5; alignment depth 8 for SiT-XL/2 and 4 for
+# SiT-B/2 (repa/method.py). SiT-XL/2 + REPA trains 4M iterations (800 epochs, FID 1.42 with CFG).
+PRESETS["sit-b2-repa"] = {**_PAPER_RUNS["sit-b2"], "guidance": "repa"}
+PRESETS["sit-l2-repa"] = {**_PAPER_RUNS["sit-l2"], "guidance": "repa"}
+PRESETS["sit-xl2-repa"] = {**_PAPER_RUNS["sit-xl2"], "guidance": "repa"}
 
 PRESETS["debug"] = {
     "model": "SiT-T/2",
@@ -124,16 +68,3 @@ PRESETS["demo"] = {
     "tensorboard": False,
 }
 PRESET_NAMES = tuple(PRESETS)
-
-
-def resolve(preset=None, overrides=None):
-    """DEFAULTS ← preset ← overrides (None values in overrides mean 'not given')."""
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
-    config = {**DEFAULTS, **(PRESETS[preset] if preset else {})}
-    unknown = set(overrides or {}) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown config keys: {sorted(unknown)}")
-    config.update({key: value for key, value in (overrides or {}).items() if value is not None})
-    config["preset"] = preset
-    return config

@@ -5,7 +5,7 @@ The whole pipeline on the built-in shapes dataset (demo/dataset.py), on CPU, in 
 evaluate both → probe both → report.md. Every stage calls one of the project's entry points with the
 arguments of the command it prints (python -m preprocessing, train.py --preset demo, sample_ddp.py,
 python -m evaluations.evaluator, python -m analysis), so the demo is the README's workflow at toy size.
-The two runs share the seed, the data order and the budget; only --sra differs.
+The two runs share the seed, the data order and the budget; only --guidance differs.
 
 Rerunning the same command reuses every finished stage and resumes an interrupted training run from
 its last checkpoint; the output says which.
@@ -201,7 +201,7 @@ def segment_ends(steps, fid_every):
 
 
 def train_argv(paths: DemoPaths, settings, run, end):
-    argv = ["--preset", "demo", "--sra", RUNS[run], "--data-dir", str(paths.dataset),
+    argv = ["--preset", "demo", "--guidance", RUNS[run], "--data-dir", str(paths.dataset),
             "--results-dir", str(paths.runs), "--run-name", run, "--seed", str(settings["seed"]),
             "--max-steps", str(end), "--global-batch-size", str(settings["batch_size"])]
     if end < settings["steps"]:
@@ -216,7 +216,7 @@ def last_step(paths: DemoPaths, run):
 
 
 def train_run(paths: DemoPaths, settings, stages, run):
-    stages.start(f"train {run}: {PRESET['model']} with --sra {RUNS[run]}, {settings['steps']} steps")
+    stages.start(f"train {run}: {PRESET['model']} with --guidance {RUNS[run]}, {settings['steps']} steps")
     if last_step(paths, run) >= settings["steps"]:
         return stages.reuse(f"train {run}", f"{paths.run_dir(run)} (step {settings['steps']} reached)")
     for end in segment_ends(settings["steps"], settings["fid_every"]):

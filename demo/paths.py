@@ -4,7 +4,7 @@ from pathlib import Path
 from preprocessing.store import INDEX_FILE
 from training.checkpoints import checkpoint_path
 
-RUNS = {"baseline": "off", "sra": "on"}  # run name -> train.py --sra; everything else is shared
+RUNS = {"baseline": "none", "sra": "sra"}  # run name -> train.py --guidance; everything else is shared
 
 
 class DemoPaths:

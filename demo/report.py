@@ -62,7 +62,7 @@ def plot_losses(loss_lines, path):
         steps = [line["step"] for line in lines]
         style = {"color": RUN_COLORS[run], "label": RUN_LABELS[run]}
         gen_axes.plot(steps, [line["gen_loss"] for line in lines], **style)
-        if RUNS[run] == "on":
+        if RUNS[run] != "none":
             align_axes.plot(steps, [line["align"] for line in lines], **style)
     gen_axes.set_title("generative loss (flow matching MSE)")
     align_axes.set_title("alignment loss (smooth-L1, before the weight λ)")
@@ -123,9 +123,11 @@ def _number(value, digits=2):
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def setup_section(settings, config):
-    model = models.create_model(config["model"], config["input_size"], config["in_channels"],
-                                config["num_classes"])
+def setup_section(settings, record):
+    """record: the SRA run's config.json (sections, see configs/schema.py)."""
+    data, objective, optim, sra = record["data"], record["objective"], record["optim"], record["guidance"]
+    name = record["model"]["model"]
+    model = models.create_model(name, data["input_size"], data["in_channels"], data["num_classes"])
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     images_seen = settings["steps"] * settings["batch_size"]
     train_images = settings["images_per_class"] * dataset.NUM_CLASSES
@@ -134,16 +136,16 @@ def setup_section(settings, config):
         "| | |", "|---|---|",
         f"| data | built-in shapes (demo/dataset.py): {dataset.NUM_CLASSES} classes, {train_images} training "
         f"images of {settings['resolution']}×{settings['resolution']} px, pixel space |",
-        f"| model | {config['model']}: {model.depth} blocks, width {model.hidden_size}, "
+        f"| model | {name}: {model.depth} blocks, width {model.hidden_size}, "
         f"{model.num_patches} tokens, {params / 1e6:.2f} M parameters |",
-        f"| objective | flow matching ({config['path']} path, {config['prediction']} prediction, "
-        f"{config['time_sampling']} t) |",
+        f"| objective | flow matching ({objective['path']} path, {objective['prediction']} prediction, "
+        f"{objective['time_sampling']} t) |",
         f"| training | {settings['steps']} steps × batch {settings['batch_size']} = {images_seen:,} images "
-        f"(≈ {images_seen / train_images:.1f} epochs), AdamW lr {config['lr']:g}, EMA {config['ema_decay']}, "
+        f"(≈ {images_seen / train_images:.1f} epochs), AdamW lr {optim['lr']:g}, EMA {optim['ema_decay']}, "
         f"seed {settings['seed']} for both runs |",
-        f"| SRA | student block {config['student_depth']} → EMA-teacher block {config['teacher_depth']}, "
-        f"Δ ~ U(0, {config['t_max']}), "
-        f"{config['align_distance']} (β {config['smooth_l1_beta']}), λ {config['align_weight']} |",
+        f"| SRA | student block {sra['student_depth']} → EMA-teacher block {sra['teacher_depth']}, "
+        f"Δ ~ U(0, {sra['t_max']}), "
+        f"{sra['align_distance']} (β {sra['smooth_l1_beta']}), λ {sra['align_weight']} |",
         f"| sampling | SDE, {settings['sampling_steps']} steps, no guidance, seed {settings['seed']} |",
         f"| FID | FID-{settings['samples']}: {settings['samples']} samples per run against "
         f"{settings['reference_images']} held-out images of the dataset, ADM Inception (evaluations/) |",
@@ -161,7 +163,7 @@ def results_section(settings, stage_seconds, loss_lines, evaluations):
     for run, lines in loss_lines.items():
         last = lines[-1]
         metrics = evaluations[run] or {}
-        align = _number(last["align"], 4) if RUNS[run] == "on" else "—"
+        align = _number(last["align"], 4) if RUNS[run] != "none" else "—"
         images_per_second = statistics.median(line["img_per_s"] for line in lines)
         train_seconds = stage_seconds.get(f"train {run}", 0.0)
         rows.append(

@@ -1,15 +1,14 @@
 """DDPMObjective: DiT's denoising objective behind the shared `Objective` interface."""
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from diffusion.gaussian import GaussianDiffusion, linear_beta_schedule
-from diffusion.objective import ModelFn, Objective, SamplerGenerator, check_t_max
 from diffusion.respace import respace, space_timesteps
 from diffusion.samplers import ddim_sample, ddpm_sample
+from objectives.interface import ModelFn, Objective, SamplerGenerator
 
 NUM_TIMESTEPS = 1000  # DiT / SPEC §2
 SAMPLING_STEPS = 250  # DiT's FID setting: 250 respaced DDPM steps (SPEC §5)
@@ -21,8 +20,7 @@ class DDPMObjective(Objective):
     variance range when learn_sigma), trained with DiT's loss; samplers "ddpm" and "ddim".
 
     num_timesteps: T; beta_schedule: "linear" (1e-4 to 0.02); learn_sigma: the model outputs 2C
-    channels, the last C the learned variance range; min_step: the smallest teacher step of
-    shift_time (0: the paper's "truncate to 0"; 1: the SRA release's clamp).
+    channels, the last C the learned variance range.
     """
 
     name = "ddpm"
@@ -32,38 +30,29 @@ class DDPMObjective(Objective):
     sampler_options = {"ddpm": {}, "ddim": {"eta": 0.0}}
 
     def __init__(self, num_timesteps: int = NUM_TIMESTEPS, beta_schedule: str = "linear",
-                 learn_sigma: bool = True, min_step: int = 0):
+                 learn_sigma: bool = True):
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected {list(BETA_SCHEDULES)}")
         if num_timesteps < 2:
             raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps}")
-        if not 0 <= min_step < num_timesteps:
-            raise ValueError(f"min_step must lie in [0, {num_timesteps - 1}], got {min_step}")
-        self.num_timesteps = num_timesteps
-        self.min_step = min_step
+        self.num_timesteps = self.discrete_steps = num_timesteps
+        self.beta_schedule = beta_schedule
         self.diffusion = GaussianDiffusion(BETA_SCHEDULES[beta_schedule](num_timesteps), learn_sigma)
         self._respaced: dict[tuple[int, ...], GaussianDiffusion] = {}
+
+    def options(self) -> dict[str, Any]:
+        return {"num_timesteps": self.num_timesteps, "beta_schedule": self.beta_schedule,
+                "learn_sigma": self.diffusion.learn_sigma}
 
     def sample_time(self, n: int, device, generator: torch.Generator | None = None) -> Tensor:
         """Uniform integer steps in [0, T-1], int64 (n,)."""
         return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator)
 
-    def sample_delta(self, n: int, t_max: float, fixed: bool, device, generator=None) -> Tensor:
-        """SRA interval in steps, int64 (n,): fixed ⌊T·t_max⌋, else uniform in [0, ⌊T·t_max⌋ - 1]
-        (the release's torch.randint(0, ⌊T·t_max⌋), upper bound excluded). SPEC §3 step 1."""
-        check_t_max(t_max)
-        max_delta = math.floor(round(self.num_timesteps * t_max, 9))  # round: 1000 * 0.29 is 289.99...
-        if fixed:
-            return torch.full((n,), max_delta, device=device, dtype=torch.long)
-        if max_delta == 0:
-            raise ValueError(f"t_max = {t_max} leaves no step to draw Δ from (T = {self.num_timesteps})")
-        return torch.randint(0, max_delta, (n,), device=device, generator=generator)
-
     def shift_time(self, t: Tensor, delta: Tensor) -> Tensor:
-        """Teacher step clamp(t - Δ, min_step, T-1): never noisier than t, equal only at the clamp."""
+        """clamp(t - Δ, 0, T-1): never noisier than t, equal only at the clamp (the paper's "truncate to 0")."""
         if t.shape != delta.shape:
             raise ValueError(f"t {tuple(t.shape)} and delta {tuple(delta.shape)} must have the same shape")
-        return (t - delta).clamp(self.min_step, self.num_timesteps - 1)
+        return (t - delta).clamp(0, self.num_timesteps - 1)
 
     def noisy(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """x_t = √ᾱ_t·x0 + √(1-ᾱ_t)·eps, in x0's dtype."""

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from diffusion.gaussian import GaussianDiffusion, working_dtype
-from diffusion.objective import ModelFn, SamplerGenerator, standard_normal
+from objectives.interface import ModelFn, SamplerGenerator, standard_normal
 
 
 def _steps(diffusion: GaussianDiffusion) -> list[tuple[int, int]]:

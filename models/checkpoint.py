@@ -11,15 +11,13 @@ from pathlib import Path
 
 import torch
 
-from .registry import FAMILY_DEFAULTS, SIZES, create_model, parse_model_name
+from .registry import DATA_AT_0, DATA_AT_1, FAMILIES, SIZES, TIME_CONVENTIONS, create_model, parse_model_name
 
-CHECKPOINT_FORMAT = "sra-checkpoint/1"  # written by train.py; versioned so old files stay readable
-
-# Time conventions (SPEC §2). Flow models here use t = 0 for data; the SiT release the reverse.
-DATA_AT_0 = "data_at_0"
-DATA_AT_1 = "data_at_1"
-DISCRETE_STEPS = "ddpm"  # DiT: integer steps, 0 = least noise
-TIME_CONVENTIONS = (DATA_AT_0, DATA_AT_1, DISCRETE_STEPS)
+# Written by train.py; versioned so old files stay readable. Version 2 nests the config by section and
+# adds a checksum and the objective to the metadata; sampling and analysis read both.
+CHECKPOINT_FORMAT = "sra-checkpoint/2"
+CHECKPOINT_FORMAT_V1 = "sra-checkpoint/1"
+CHECKPOINT_FORMATS = (CHECKPOINT_FORMAT_V1, CHECKPOINT_FORMAT)
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 EXTRA_KEY_GROUPS = ("ap_head", "projectors")  # SRA release head; REPA projectors
@@ -85,7 +83,7 @@ def _select_weights(raw, prefer):
     """(state dict, source, metadata, args) from whatever the file holds."""
     if not isinstance(raw, dict):
         raise ValueError(f"checkpoint holds a {type(raw).__name__}, expected a state dict or a dict of them")
-    metadata = raw.get("meta", {}) if raw.get("format") == CHECKPOINT_FORMAT else {}
+    metadata = raw.get("meta", {}) if raw.get("format") in CHECKPOINT_FORMATS else {}
     for source in (prefer, "ema", "model"):
         if isinstance(raw.get(source), dict):
             return raw[source], source, metadata, raw.get("args")
@@ -158,8 +156,9 @@ def _decide_time_convention(name, metadata, extras, args, override, notes):
         return override
     if metadata:
         return metadata["time_convention"]
-    if parse_model_name(name)[0] == "DiT":
-        return DISCRETE_STEPS
+    family = FAMILIES[parse_model_name(name)[0]]
+    if family.objective == "ddpm":
+        return family.time_convention  # DiT releases and this project agree on integer steps
     if extras or (args is not None and hasattr(args, "encoder_depth")):
         notes.append("time convention data_at_0: SRA/REPA release (t = 0 is data)")
         return DATA_AT_0
@@ -188,7 +187,7 @@ def load_checkpoint(path, model_name=None, *, time_convention=None, prefer="ema"
     else:
         family = parse_model_name(name)[0]
         options = {"learn_sigma": arch["learn_sigma"], "qk_norm": arch["qk_norm"]}
-        if options["learn_sigma"] == FAMILY_DEFAULTS[family]["learn_sigma"]:
+        if options["learn_sigma"] == FAMILIES[family].learn_sigma:
             del options["learn_sigma"]
         model = create_model(name, arch["input_size"], arch["in_channels"], arch["num_classes"], **options)
     load_backbone_state(model, backbone)

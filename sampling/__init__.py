@@ -9,9 +9,9 @@ from .pipeline import (
     Decoder,
     build_objective,
     check_compatible,
-    checkpoint_config,
     load_decoder,
     load_model,
+    training_info,
 )
 from .presets import DEFAULTS, FID_NUM_SAMPLES, PRESET_NAMES, PRESETS, resolve
 from .seeds import ClassLabels, derived_seed, initial_noise, sampler_generators
@@ -33,7 +33,7 @@ __all__ = [
     "build_objective",
     "check_compatible",
     "check_settings",
-    "checkpoint_config",
+    "training_info",
     "close_distributed",
     "derived_seed",
     "init_distributed",

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 import models
-from diffusion import create_objective
+from objectives.registry import create_objective, from_description
 from sampling.images import to_uint8
 from sampling.seeds import ClassLabels, initial_noise, sampler_generators
 from transport import ReversedTime
@@ -21,16 +21,24 @@ CFG_CHANNELS = {"all": None, "3": models.RELEASE_DIT_GUIDED_CHANNELS}
 DEFAULT_FLOW = {"path": "linear", "prediction": "velocity"}  # every public SiT/REPA/SRA release (SPEC §2)
 
 
-def checkpoint_config(path) -> dict:
-    """The training config of this project's checkpoints ({} for public releases), read without
-    loading the weights (memory-mapped)."""
+def training_info(path) -> dict:
+    """What this project's checkpoints say about their training, read without loading the weights
+    (memory-mapped): {"objective": {"kind", **options} or None, "vae", "data_dir"}; all None for
+    public releases. Reads both checkpoint formats (version 1 kept a flat config)."""
+    info = {"objective": None, "vae": None, "data_dir": None}
     try:
         raw = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError):
-        return {}  # a release's pickled argparse.Namespace, or an old non-zip file: not ours
-    if isinstance(raw, dict) and raw.get("format") == models.CHECKPOINT_FORMAT:
-        return raw.get("config", {})
-    return {}
+        return info  # a release's pickled argparse.Namespace, or an old non-zip file: not ours
+    if not isinstance(raw, dict) or raw.get("format") not in models.CHECKPOINT_FORMATS:
+        return info
+    if raw["format"] == models.CHECKPOINT_FORMAT_V1:
+        config = raw.get("config", {})
+        if models.model_family(config.get("model", "SiT-B/2")) == "SiT":
+            info["objective"] = {"kind": "flow", **{key: config.get(key, value) for key, value in DEFAULT_FLOW.items()}}
+        return {**info, "vae": config.get("vae"), "data_dir": config.get("data_dir")}
+    meta = raw.get("meta", {})
+    return {key: meta.get(key) for key in info}
 
 
 def load_model(path, model_name=None, time_convention=None, weights="ema"):
@@ -41,12 +49,15 @@ def load_model(path, model_name=None, time_convention=None, weights="ema"):
     return model.eval().requires_grad_(False), loaded
 
 
-def build_objective(loaded, config: dict):
-    """The sampling objective of the backbone; a flow checkpoint of this project names its path and
-    prediction in its config."""
-    if models.model_family(loaded.name) == "DiT":
-        return create_objective("ddpm", learn_sigma=loaded.model.learn_sigma)
-    return create_objective("flow", **{key: config.get(key, value) for key, value in DEFAULT_FLOW.items()})
+def build_objective(loaded, info: dict):
+    """The objective the backbone was trained with: as this project's checkpoint records it, else its
+    family's (models.FAMILIES) with the public releases' settings."""
+    if info.get("objective") is not None:
+        return from_description(info["objective"])
+    kind = models.family_of(loaded.name).objective
+    if kind == "ddpm":
+        return create_objective(kind, learn_sigma=loaded.model.learn_sigma)
+    return create_objective(kind, **DEFAULT_FLOW)
 
 
 @dataclasses.dataclass
@@ -59,7 +70,8 @@ class Decoder:
 
 
 def dataset_index(config: dict) -> dict | None:
-    """The index of the dataset the checkpoint was trained on, where it is still readable."""
+    """The index of the dataset the checkpoint was trained on, where it is still readable.
+    config: {"data_dir", "vae"} of the training run (training_info, or train.py's own)."""
     from preprocessing import store
 
     data_dir = config.get("data_dir")

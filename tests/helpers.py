@@ -20,3 +20,14 @@ def tiny_model(name="SiT-S/2", seed=0, **options):
     options = {"depth": 3, "hidden_size": 32, "num_heads": 2, **options}
     model = models.create_model(name, input_size=8, in_channels=4, num_classes=10, **options)
     return randomize_(model, seed)
+
+
+def project_meta(model, name, data_dir=None, vae=None):
+    """The `meta` block train.py writes for a backbone of the registered model `name`."""
+    from objectives.registry import describe, objective_for_model
+
+    family = models.family_of(name)
+    options = {"learn_sigma": model.learn_sigma} if family.objective == "ddpm" else {}
+    meta = models.checkpoint_metadata(model, family.time_convention)
+    meta.update(objective=describe(objective_for_model(name, **options)), data_dir=data_dir, vae=vae)
+    return meta

@@ -25,7 +25,7 @@ from analysis import (
 )
 from analysis.__main__ import main as analysis_main
 from preprocessing.__main__ import main as preprocess
-from tests.helpers import randomize_
+from tests.helpers import project_meta, randomize_
 
 CLASSES = 4
 IMAGES_PER_CLASS = 64
@@ -70,12 +70,13 @@ def pixel_model(name="SiT-S/2", seed=0, **options):
 
 def save_checkpoint(path, student, teacher, data_dir, time_convention=models.DATA_AT_0):
     """A file in train.py's format, with the parts the loader reads."""
+    meta = project_meta(student, "DiT-S/2" if time_convention == models.DISCRETE_STEPS else "SiT-S/2", data_dir)
+    meta["time_convention"] = time_convention
     torch.save({
         "format": models.CHECKPOINT_FORMAT,
-        "meta": models.checkpoint_metadata(student, time_convention),
+        "meta": meta,
         "model": student.state_dict(),
         "ema": teacher.state_dict(),
-        "config": {"data_dir": data_dir, "path": "linear", "prediction": "velocity"},
     }, path)
     return str(path)
 

@@ -83,15 +83,17 @@ def test_smoke_run_writes_every_artefact(smoke):
     assert "FID-8" in text and "## Representation probe" in text
 
 
-def test_runs_differ_only_in_sra(smoke):
+def test_runs_differ_only_in_guidance(smoke):
     output_dir = smoke[0]
     baseline, sra = (json.loads((output_dir / "runs" / run / "config.json").read_text()) for run in RUNS)
     differing = {key for key in baseline if baseline[key] != sra[key]}
-    assert differing == {"sra", "run_name", "student_depth", "teacher_depth"}
-    assert (sra["student_depth"], sra["teacher_depth"]) == (2, 5)  # sra.default_block_pair for 6 blocks
+    assert differing == {"run", "guidance"}
+    assert {k for k in baseline["run"] if baseline["run"][k] != sra["run"][k]} == {"run_name"}
+    assert baseline["guidance"] == {"method": "none"}
+    assert (sra["guidance"]["student_depth"], sra["guidance"]["teacher_depth"]) == (2, 5)  # 6 blocks: ¼ and ¾
     final = {run: json.loads((output_dir / "runs" / run / "metrics.jsonl").read_text().splitlines()[-1])
              for run in RUNS}
-    assert final["baseline"]["align"] == 0 and final["sra"]["align"] > 0
+    assert "align" not in final["baseline"] and final["sra"]["align"] > 0
 
 
 def test_rerun_reuses_every_stage(smoke):

@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 
-from diffusion import DDPMObjective, GaussianDiffusion, create_objective, respace, space_timesteps
+from diffusion import DDPMObjective, GaussianDiffusion, respace, space_timesteps
 from diffusion.gaussian import discretized_gaussian_log_likelihood, mean_flat
+from objectives.registry import create_objective
 
 F64 = torch.float64
 T = 1000
@@ -219,41 +220,30 @@ def test_per_sample_generators_make_samples_independent_of_the_batch(objective, 
     assert torch.equal(whole[3:], sample([3]))
 
 
-@pytest.mark.parametrize("min_step", [0, 1])
-def test_shift_time_stays_in_range_and_lowers_the_noise(min_step):
-    objective = DDPMObjective(min_step=min_step)
+def test_shift_time_stays_in_range_and_lowers_the_noise():
+    objective = DDPMObjective()
     generator = torch.Generator().manual_seed(0)
     t = torch.cat([objective.sample_time(2000, "cpu", generator), torch.tensor([0, 1, 999])])
-    delta = torch.cat([objective.sample_delta(2000, 0.2, False, "cpu", generator), torch.tensor([0, 5, 200])])
+    delta = torch.cat([torch.randint(0, 200, (2000,), generator=generator), torch.tensor([0, 5, 200])])
     t_teacher = objective.shift_time(t, delta)
     assert t_teacher.dtype == torch.long
-    assert int(t_teacher.min()) >= min_step and int(t_teacher.max()) <= T - 1
-    above_floor = t - delta >= min_step
+    assert int(t_teacher.min()) == 0 and int(t_teacher.max()) <= T - 1
+    above_floor = t - delta >= 0
+    assert not bool(above_floor.all())  # the clamp at 0 is exercised
     assert torch.equal(t_teacher[above_floor], (t - delta)[above_floor])
-    assert bool((t_teacher[t >= min_step] <= t[t >= min_step]).all())
-    # The release's quirk: with min_step = 1 a student at t = 0 gets a teacher at step 1.
-    assert int(objective.shift_time(torch.tensor([0]), torch.tensor([0]))) == min_step
+    assert bool((t_teacher <= t).all())
 
 
-def test_time_and_delta_sampling(objective):
+def test_time_sampling(objective):
     generator = torch.Generator().manual_seed(0)
     t = objective.sample_time(20000, "cpu", generator)
     assert t.dtype == torch.long and int(t.min()) == 0 and int(t.max()) == T - 1
-    delta = objective.sample_delta(20000, 0.2, False, "cpu", generator)
-    assert delta.dtype == torch.long and int(delta.min()) == 0 and int(delta.max()) == 199
-    assert torch.equal(objective.sample_delta(2, 0.2, True, "cpu"), torch.tensor([200, 200]))
-    assert int(objective.sample_delta(1, 0.29, True, "cpu")) == 290  # not 289 from 1000 * 0.29
-    with pytest.raises(ValueError, match="no step"):
-        objective.sample_delta(2, 0.0005, False, "cpu")
-    with pytest.raises(ValueError, match="t_max"):
-        objective.sample_delta(2, -0.1, True, "cpu")
+    assert objective.discrete_steps == T
 
 
 def test_bad_input_raises_a_clear_error(objective):
     with pytest.raises(ValueError, match="beta_schedule"):
         DDPMObjective(beta_schedule="cosine")
-    with pytest.raises(ValueError, match="min_step"):
-        DDPMObjective(min_step=1000)
     x0 = randn(2, 4, 2, 2)
     with pytest.raises(ValueError, match="expected 8 channels"):
         objective.loss(randn(2, 4, 2, 2), x0, x0, torch.tensor([1, 2]), x0)
@@ -272,8 +262,11 @@ def test_bad_input_raises_a_clear_error(objective):
 
 
 def test_create_objective_builds_ddpm_with_options():
-    objective = create_objective("ddpm", learn_sigma=False, min_step=1)
+    objective = create_objective("ddpm", learn_sigma=False)
     assert isinstance(objective, DDPMObjective)
-    assert (objective.name, objective.min_step, objective.diffusion.learn_sigma) == ("ddpm", 1, False)
+    assert (objective.name, objective.diffusion.learn_sigma) == ("ddpm", False)
+    assert objective.options() == {"num_timesteps": T, "beta_schedule": "linear", "learn_sigma": False}
+    rebuilt = create_objective(objective.name, **objective.options())
+    assert torch.equal(rebuilt.diffusion.betas.values, objective.diffusion.betas.values)
     assert (objective.default_method, objective.default_num_steps) == ("ddpm", 250)
     assert objective.sampler_methods == ("ddpm", "ddim")

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import randomize_, tiny_model
+from helpers import project_meta, randomize_, tiny_model
 from PIL import Image
 
 import models
 import sample_ddp
 import sampling
-from diffusion import create_objective
+from objectives.registry import create_objective
 from transport import ReversedTime
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,13 +44,11 @@ def tiny_vae_dir(root: Path) -> Path:
 def project_checkpoint(path: Path, name="SiT-S/2") -> Path:
     """A checkpoint as train.py writes it: metadata, config, online and EMA weights (different)."""
     ema, online = tiny_model(name, seed=0), tiny_model(name, seed=1)
-    convention = models.DISCRETE_STEPS if name.startswith("DiT") else models.DATA_AT_0
     torch.save({
         "format": models.CHECKPOINT_FORMAT,
-        "meta": models.checkpoint_metadata(ema, convention),
+        "meta": project_meta(ema, name),
         "model": online.state_dict(),
         "ema": ema.state_dict(),
-        "config": {"path": "linear", "prediction": "velocity", "data_dir": None, "vae": None},
     }, path)
     return path
 
@@ -292,6 +290,25 @@ def test_default_vae_is_the_training_datasets_with_its_scaling(files, tmp_path):
         assert torch.equal(decoder.decode(x), vae.model.decode(x / 0.5 + 0.1).sample)
 
 
+def test_training_info_of_both_checkpoint_formats(files, tmp_path):
+    """Version 2 records the objective in its metadata; a version-1 file (flat config) still samples with
+    the objective its config names."""
+    info = sampling.training_info(files["dit"])
+    assert info["objective"] == {"kind": "ddpm", "num_timesteps": 1000, "beta_schedule": "linear",
+                                 "learn_sigma": True}
+    model = tiny_model("SiT-S/2")
+    v1 = tmp_path / "v1.pt"
+    torch.save({"format": models.CHECKPOINT_FORMAT_V1, "meta": models.checkpoint_metadata(model, models.DATA_AT_0),
+                "ema": model.state_dict(), "config": {"model": "SiT-S/2", "path": "cosine",
+                                                      "prediction": "velocity", "data_dir": None, "vae": None}}, v1)
+    info = sampling.training_info(v1)
+    assert info["objective"] == {"kind": "flow", "path": "cosine", "prediction": "velocity"}
+    loaded = models.load_checkpoint(v1)
+    assert sampling.build_objective(loaded, info).path.name == "cosine"
+    result = run(files, tmp_path, "--num-samples", "2", *FAST, ckpt=v1)
+    assert load(result["npz"])["arr_0"].shape == (2, 16, 16, 3)
+
+
 # --- bad input: a clear error before any sample ------------------------------------------------
 
 @pytest.mark.parametrize("flags, error, match", [
@@ -321,8 +338,8 @@ def test_latent_channel_mismatch_with_the_vae(files, tmp_path):
     pixels = randomize_(models.create_model("SiT-S/2", input_size=8, in_channels=3, num_classes=NUM_CLASSES,
                                             depth=3, hidden_size=32, num_heads=2))
     path = tmp_path / "pixels.pt"
-    meta = models.checkpoint_metadata(pixels, models.DATA_AT_0)
-    torch.save({"format": models.CHECKPOINT_FORMAT, "meta": meta, "ema": pixels.state_dict()}, path)
+    torch.save({"format": models.CHECKPOINT_FORMAT, "meta": project_meta(pixels, "SiT-S/2"),
+                "ema": pixels.state_dict()}, path)
     with pytest.raises(ValueError, match="takes 3-channel inputs, but the VAE .*tiny-vae decodes 4 channels"):
         run(files, tmp_path, ckpt=path)
     result = sample_ddp.main(["--ckpt", str(path), "--vae", "none", "--num-samples", "2",

@@ -3,8 +3,11 @@ import torch
 
 import models
 import sra
-from diffusion import create_objective
+from errors import UserError
+from guidance import AlignmentInputs, GuidanceContext, Student, TrainingLoss, align_weight, token_distance
+from objectives.registry import create_objective, objective_for_model
 from tests.helpers import tiny_model
+from training.ema import EMA
 
 
 def batch(n=4, seed=2):
@@ -12,14 +15,16 @@ def batch(n=4, seed=2):
     return torch.randn(n, 4, 8, 8, generator=generator), torch.randint(0, 10, (n,), generator=generator)
 
 
-def make_parts(name="SiT-S/2", student_depth=1, teacher_depth=2, t_max=0.2, distance="smooth_l1", dropout=0.1):
+def make_parts(name="SiT-S/2", student_depth=1, teacher_depth=2, t_max=0.2, distance="smooth_l1", dropout=0.1,
+               **options):
     backbone = tiny_model(name, class_dropout_prob=dropout)
-    head = sra.ProjectionHead(backbone.hidden_size)
-    student = sra.Student(backbone, head, student_depth)
-    ema = sra.EMATeacher(backbone, decay=0.9)
-    objective = create_objective("ddpm" if name.startswith("DiT") else "flow")
-    config = sra.SRAConfig(student_depth, teacher_depth, t_max, distance=distance)
-    return student, ema, sra.TrainingLoss(objective, dropout, backbone.num_classes, config)
+    ema = EMA(backbone, decay=0.9)
+    objective = objective_for_model(name)
+    config = sra.SRAConfig(student_depth=student_depth, teacher_depth=teacher_depth, t_max=t_max,
+                           align_distance=distance, **options)
+    method = sra.SRA(config, GuidanceContext(objective, ema.model, backbone, torch.device("cpu")))
+    student = Student(backbone, method.build_head(backbone.hidden_size), student_depth)
+    return student, ema, TrainingLoss(objective, dropout, backbone.num_classes, method)
 
 
 def identity_head_(head):
@@ -44,7 +49,7 @@ def test_teacher_gets_no_gradients_and_builds_no_graph():
         return seen["out"]
 
     ema.model.forward_features = spy
-    terms = loss_fn(student, ema.model, x0, y, weight=0.2)
+    terms = loss_fn(student, x0, y, weight=0.2)
     terms["loss"].backward()
     assert not seen["out"].requires_grad and seen["out"].grad_fn is None
     assert all(p.grad is None for p in ema.model.parameters())
@@ -55,14 +60,14 @@ def test_teacher_gets_no_gradients_and_builds_no_graph():
 @pytest.mark.parametrize("name", ["SiT-S/2", "DiT-S/2"])
 def test_teacher_features_are_the_partial_forward_at_the_shifted_time(name):
     student, ema, loss_fn = make_parts(name, teacher_depth=2)
-    objective = loss_fn.objective
+    method, objective = loss_fn.guidance, loss_fn.objective
     x0, y = batch()
     eps = torch.randn_like(x0)
     t = objective.sample_time(4, "cpu")
     torch.manual_seed(7)
-    features = loss_fn.teacher_features(ema.model, x0, eps, t, y)
+    features = method.target(AlignmentInputs(x0, eps, t, y, None))
     torch.manual_seed(7)  # draw the same Δ again
-    t_teacher = objective.shift_time(t, objective.sample_delta(4, 0.2, False, "cpu"))
+    t_teacher = objective.shift_time(t, sra.draw_delta(objective, 4, 0.2, False, "cpu"))
     assert (t_teacher <= t).all() and (t_teacher >= 0).all()
     captured = {}
     ema.model.blocks[1].register_forward_hook(lambda m, i, o: captured.setdefault("h", o))
@@ -85,7 +90,7 @@ def test_teacher_sees_the_students_dropped_labels():
 
     student.forward, ema.model.forward_features = student_spy, teacher_spy
     x0, y = batch(n=64)
-    loss_fn(student, ema.model, x0, y, weight=0.2)
+    loss_fn(student, x0, y, weight=0.2)
     assert torch.equal(labels["student"], labels["teacher"])
     dropped = labels["student"] == student.backbone.num_classes
     assert 0 < dropped.sum() < 64  # some labels dropped, some kept
@@ -97,30 +102,53 @@ def test_alignment_is_zero_for_identical_features_through_an_identity_head(dista
     # Student block k equals teacher block k when the weights are equal and Δ = 0.
     student, ema, loss_fn = make_parts(student_depth=2, teacher_depth=2, t_max=0.0, distance=distance)
     identity_head_(student.head)
-    terms = loss_fn(student, ema.model, *batch(), weight=0.2)
-    assert terms["align"].item() == pytest.approx(0.0, abs=1e-6)
-    assert terms["loss"].item() == pytest.approx(terms["gen"].item() + 0.2 * terms["align"].item(), rel=1e-6)
+    terms = loss_fn(student, *batch(), weight=0.2)
+    floor = -1.0 if distance == "neg_cosine" else 0.0  # REPA's −cos is −1 at equality
+    assert terms["align"].item() == pytest.approx(floor, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["SiT-S/2", "DiT-S/2"])
+def test_loss_is_gen_plus_weight_times_align_when_align_is_not_zero(name):
+    student, ema, loss_fn = make_parts(name)
+    x0, y = batch()
+    torch.manual_seed(5)
+    terms = loss_fn(student, x0, y, weight=0.37)
+    # Recompute every term from the same random draws, in the loss's order.
+    objective, method = loss_fn.objective, loss_fn.guidance
+    torch.manual_seed(5)
+    y_dropped = models.drop_labels(y, 0.1, 10)
+    t = objective.sample_time(4, "cpu")
+    eps = torch.randn_like(x0)
+    x_t = objective.noisy(x0, eps, t)
+    prediction, tokens = student.backbone.forward_with_features(x_t, objective.model_time(t), y_dropped, 1)
+    gen = objective.loss(prediction, x0, eps, t, x_t).mean()
+    target = method.target(AlignmentInputs(x0, eps, t, y_dropped, None))
+    align = token_distance(student.head(tokens), target, "smooth_l1").mean()
+    assert align.item() > 1e-3  # a real alignment term, so a loss that dropped λ would fail
+    assert torch.equal(terms["gen"], gen.detach()) and torch.equal(terms["align"], align.detach())
+    assert torch.equal(terms["loss"], gen + 0.37 * align)
 
 
 def test_distances_reduce_over_the_feature_dimension():
     target = torch.randn(2, 5, 16)
     scaled = target * torch.rand(2, 5, 1).add(0.5)  # every token rescaled: same direction
-    assert torch.allclose(sra.token_distance(scaled, target, "cosine"), torch.zeros(2, 5), atol=1e-6)
-    assert (sra.token_distance(scaled, target, "l2") > 0).all()
+    assert torch.allclose(token_distance(scaled, target, "cosine"), torch.zeros(2, 5), atol=1e-6)
+    assert torch.allclose(token_distance(scaled, target, "neg_cosine"), -torch.ones(2, 5), atol=1e-6)
+    assert (token_distance(scaled, target, "l2") > 0).all()
     # Closed forms for one token.
     a, b = torch.tensor([[[0.0, 0.01, 1.0]]]), torch.zeros(1, 1, 3)
     beta = sra.SMOOTH_L1_BETA
     expected = (0.0 + 0.5 * 0.01**2 / beta + (1.0 - 0.5 * beta)) / 3
-    assert sra.token_distance(a, b, "smooth_l1").item() == pytest.approx(expected, rel=1e-6)
-    assert sra.token_distance(a, b, "l1").item() == pytest.approx(1.01 / 3, rel=1e-6)
-    assert sra.token_distance(a, b, "l2").item() == pytest.approx((0.01**2 + 1) / 3, rel=1e-6)
-    with pytest.raises(ValueError, match="alignment distance"):
-        sra.SRAConfig(1, 2, 0.2, distance="cos")
+    assert token_distance(a, b, "smooth_l1").item() == pytest.approx(expected, rel=1e-6)
+    assert token_distance(a, b, "l1").item() == pytest.approx(1.01 / 3, rel=1e-6)
+    assert token_distance(a, b, "l2").item() == pytest.approx((0.01**2 + 1) / 3, rel=1e-6)
+    with pytest.raises(UserError, match="--align-distance cos: choose one of"):
+        sra.SRAConfig(align_distance="cos")
 
 
 def test_ema_update_math():
     backbone = tiny_model()
-    ema = sra.EMATeacher(backbone, decay=0.75)
+    ema = EMA(backbone, decay=0.75)
     before = [p.clone() for p in ema.model.parameters()]
     with torch.no_grad():
         for p in backbone.parameters():
@@ -134,20 +162,22 @@ def test_ema_update_math():
 
 
 def test_release_weight_schedule():
-    assert sra.align_weight(10**6) == sra.ALIGN_WEIGHT
+    assert align_weight(10**6) == sra.ALIGN_WEIGHT
     spe = 100
-    assert sra.align_weight(149 * spe, "release", 0.2, spe) == 0.2
-    assert sra.align_weight(1149 * spe, "release", 0.2, spe) == pytest.approx(0.02)
-    assert sra.align_weight(649 * spe + 99, "release", 0.2, spe) == pytest.approx(0.2 * 0.1**0.5)
+    assert align_weight(149 * spe, "release", 0.2, spe) == 0.2
+    assert align_weight(1149 * spe, "release", 0.2, spe) == pytest.approx(0.02)
+    assert align_weight(649 * spe + 99, "release", 0.2, spe) == pytest.approx(0.2 * 0.1**0.5)
+    config = sra.SRAConfig(align_weight_schedule="release", align_decay_start_epoch=9, align_decay_epochs=10)
+    assert config.weight(19 * spe, spe) == pytest.approx(0.02)
 
 
-def test_sra_off_is_the_plain_objective():
+def test_no_guidance_is_the_plain_objective():
     backbone = tiny_model(class_dropout_prob=0.1)
     objective = create_objective("flow")
-    loss_fn = sra.TrainingLoss(objective, 0.1, 10, sra=None)
+    loss_fn = TrainingLoss(objective, 0.1, 10, guidance=None)
     x0, y = batch()
     torch.manual_seed(3)
-    terms = loss_fn(sra.Student(backbone), None, x0, y, weight=0.2)
+    terms = loss_fn(Student(backbone), x0, y, weight=0.2)
     torch.manual_seed(3)
     y_dropped = models.drop_labels(y, 0.1, 10)
     t = objective.sample_time(4, "cpu")
@@ -162,3 +192,55 @@ def test_default_block_pairs():
     assert sra.default_block_pair("DiT-XL/2") == (8, 16)
     assert sra.default_block_pair("SiT-B/2") == (3, 8)
     assert sra.default_block_pair("SiT-T/2") == (2, 5)  # ¼ and ¾ of 6 blocks, rounded
+    resolved = sra.SRAConfig().resolved_for("SiT-XL/2", 28)
+    assert (resolved.student_depth, resolved.teacher_depth) == (8, 20)
+
+
+def test_delta_on_integer_steps():
+    objective = create_objective("ddpm")
+    generator = torch.Generator().manual_seed(0)
+    delta = sra.draw_delta(objective, 20000, 0.2, False, "cpu", generator)
+    assert delta.dtype == torch.long and int(delta.min()) == 0 and int(delta.max()) == 199
+    # The release's torch.randint(0, ⌊T·t_max⌋), exactly: the same draws from the same generator.
+    assert torch.equal(delta, torch.randint(0, 200, (20000,), generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(sra.draw_delta(objective, 2, 0.2, True, "cpu"), torch.tensor([200, 200]))
+    assert int(sra.draw_delta(objective, 1, 0.29, True, "cpu")) == 290  # not 289 from 1000 * 0.29
+    with pytest.raises(UserError, match="leaves no step"):
+        sra.draw_delta(objective, 2, 0.0005, False, "cpu")
+
+
+def test_delta_in_continuous_time():
+    objective = create_objective("flow")
+    generator = torch.Generator().manual_seed(0)
+    delta = sra.draw_delta(objective, 10000, 0.2, False, "cpu", generator)
+    assert delta.dtype == torch.float32 and 0 <= float(delta.min()) and float(delta.max()) < 0.2
+    assert torch.equal(delta, 0.2 * torch.rand(10000, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(sra.draw_delta(objective, 3, 0.2, True, "cpu"), torch.full((3,), 0.2))
+
+
+@pytest.mark.parametrize("floor", [0, 1])
+def test_dit_teacher_floor(floor):
+    student, ema, loss_fn = make_parts("DiT-S/2", dit_teacher_min_step=floor)
+    method = loss_fn.guidance
+    t = torch.tensor([0, 0, 3, 500])
+    torch.manual_seed(0)
+    t_teacher = method.teacher_time(t, 4, "cpu")
+    torch.manual_seed(0)
+    delta = sra.draw_delta(loss_fn.objective, 4, 0.2, False, "cpu")
+    assert torch.equal(t_teacher, (t - delta).clamp(floor, 999))
+    # The release's quirk: with the floor at 1, a student at t = 0 gets a teacher at step 1.
+    assert int(t_teacher[0]) == floor
+
+
+def test_block_pair_and_interval_checks():
+    with pytest.raises(UserError, match="--teacher-depth 2 is shallower than --student-depth 5"):
+        sra.SRAConfig(student_depth=5, teacher_depth=2).resolved_for("SiT-T/2", 6)
+    with pytest.raises(UserError, match=r"--teacher-depth 0: must be >= 1"):
+        sra.SRAConfig(teacher_depth=0)
+    with pytest.raises(UserError, match=r"--teacher-depth 9 is outside SiT-T/2's blocks 1..6"):
+        sra.SRAConfig(teacher_depth=9).resolved_for("SiT-T/2", 6)
+    with pytest.raises(UserError, match=r"--t-max 1.5: must be <= 1"):
+        sra.SRAConfig(t_max=1.5)
+    with pytest.raises(UserError, match="leaves no step"):
+        sra.SRAConfig(t_max=0.0005).resolved_for("DiT-T/2", 6)
+    sra.SRAConfig(t_max=0.0005).resolved_for("SiT-T/2", 6)  # continuous time: any t_max in [0, 1]

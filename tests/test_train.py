@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 import train
+from errors import UserError
 from preprocessing.__main__ import main as preprocess
+from training.checkpoints import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--preset", "debug", "--num-workers", "0", "--tensorboard", "off"]
@@ -48,9 +50,12 @@ def test_debug_run_writes_checkpoint_metrics_and_grid(tmp_path, data_dir):
     assert (run_dir / "samples_0000004.png").stat().st_size > 0
     assert any((run_dir / "tensorboard").iterdir())
     saved = json.loads((run_dir / "config.json").read_text())
-    assert saved["student_depth"] == 2 and saved["teacher_depth"] == 5 and saved["input_size"] == 8
-    state = torch.load(run_dir / "checkpoints" / "step_0000004.pt", weights_only=True)
-    assert state["step"] == 4 and state["head"] is not None
+    assert saved["guidance"]["student_depth"] == 2 and saved["guidance"]["teacher_depth"] == 5
+    assert saved["data"]["input_size"] == 8 and saved == result["record"]
+    state = read_checkpoint(run_dir / "checkpoints" / "step_0000004.pt")  # verifies the checksum
+    assert state["step"] == 4 and state["head"] is not None and state["config"] == saved
+    assert state["meta"]["objective"] == {"kind": "flow", "path": "linear", "prediction": "velocity",
+                                          "time_sampling": "uniform"}
     assert torch.equal(state["ema"]["pos_embed"], result["ema"].model.pos_embed)
 
 
@@ -71,24 +76,40 @@ def test_dit_and_baseline_runs(tmp_path, data_dir):
                  "--run-name", "dit")
     assert result["student"].backbone.out_channels == 6  # learned variance range
     assert (tmp_path / "dit" / "samples_0000002.png").exists()
-    baseline = run(tmp_path, data_dir, "--sra", "off", "--max-steps", "2", "--sample-every", "0",
+    baseline = run(tmp_path, data_dir, "--guidance", "none", "--max-steps", "2", "--sample-every", "0",
                    "--run-name", "base")
     assert baseline["student"].head is None
     assert torch.load(tmp_path / "base/checkpoints/step_0000002.pt", weights_only=True)["head"] is None
+    lines = [json.loads(x) for x in (tmp_path / "base" / "metrics.jsonl").read_text().splitlines()]
+    assert "align" not in lines[-1]  # the baseline has no alignment term to show
+
+
+def test_dit_without_learned_sigma_trains_against_a_matching_objective(tmp_path, data_dir):
+    result = run(tmp_path, data_dir, "--model", "DiT-T/2", "--learn-sigma", "off", "--max-steps", "2",
+                 "--sample-every", "0", "--run-name", "dit4")
+    backbone = result["student"].backbone
+    assert backbone.out_channels == backbone.in_channels == 3  # no variance channels (pixel data: RGB)
+    state = read_checkpoint(tmp_path / "dit4/checkpoints/step_0000002.pt")
+    assert state["meta"]["objective"] == {"kind": "ddpm", "num_timesteps": 1000, "beta_schedule": "linear",
+                                          "learn_sigma": False}
 
 
 def test_dry_run_and_config_errors(tmp_path, data_dir, capsys):
     result = run(tmp_path, data_dir, "--dry-run")
-    assert json.loads((tmp_path / "debug" / "config.json").read_text()) == result["config"]
+    assert json.loads((tmp_path / "debug" / "config.json").read_text()) == result["record"]
     assert not (tmp_path / "debug" / "checkpoints").exists()
-    with pytest.raises(ValueError, match="--global-batch-size 10 is not divisible"):
-        run(tmp_path, data_dir, "--global-batch-size", "10", "--grad-accum-steps", "4")
-    with pytest.raises(ValueError, match="--teacher-depth 9 is outside the model's 1..6 blocks"):
-        run(tmp_path, data_dir, "--teacher-depth", "9")
-    with pytest.raises(ValueError, match="--data-dir is required"):
+    for argv, message in [
+        (["--global-batch-size", "10", "--grad-accum-steps", "4"], "--global-batch-size 10 is not divisible"),
+        (["--teacher-depth", "9"], "--teacher-depth 9 is outside SiT-T/2's blocks 1..6"),
+        (["--t-max", "1.5"], "--t-max 1.5: must be <= 1"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            run(tmp_path / "refused", data_dir, *argv)
+    assert not (tmp_path / "refused").exists()  # every check ran before anything was written
+    with pytest.raises(UserError, match="--data-dir is required"):
         train.main(["--preset", "debug"])
     run(tmp_path, data_dir, "--max-steps", "1", "--sample-every", "0", "--run-name", "x")
-    with pytest.raises(ValueError, match=r"different config \(lr: 0.0001 -> 0.001\)"):
+    with pytest.raises(UserError, match=r"different config \(optim.lr: 0.0001 -> 0.001\)"):
         run(tmp_path, data_dir, "--max-steps", "2", "--sample-every", "0", "--run-name", "x", "--lr", "1e-3")
 
 
@@ -140,4 +161,5 @@ def test_fid_during_training(tmp_path, data_dir, monkeypatch):
     assert features.shape == (4, 2048) and torch.isfinite(features).all()
     assert np.array_equal(statistics.pool.mu, pool.numpy().mean(axis=0))
     lines = [json.loads(x) for x in (tmp_path / "debug" / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1] == {"step": 2, "fid4": 12.5}
+    assert lines[-1]["step"] == 2 and lines[-1]["fid4"] == 12.5
+    assert lines[-1]["train_time_s"] == lines[-2]["train_time_s"] > 0  # training time only, logged with FID

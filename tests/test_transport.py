@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from diffusion import create_objective
+from objectives.registry import create_objective
 from transport import (
     PATHS,
     PREDICTIONS,
@@ -312,7 +312,7 @@ def test_shift_time_stays_in_range_and_lowers_the_noise(path_name, prediction):
     objective = FlowObjective(path=path_name, prediction=prediction)
     generator = torch.Generator().manual_seed(0)
     t = torch.cat([objective.sample_time(1000, "cpu", generator), torch.tensor([objective.t_low, 1.0])])
-    delta = torch.cat([objective.sample_delta(1000, 0.2, False, "cpu", generator), torch.tensor([0.2, 1.0])])
+    delta = torch.cat([0.2 * torch.rand(1000, generator=generator), torch.tensor([0.2, 1.0])])
     t_teacher = objective.shift_time(t, delta)
     assert bool((t_teacher >= objective.t_low).all()) and bool((t_teacher <= t).all())
     above_floor = t - delta >= objective.t_low
@@ -324,7 +324,7 @@ def test_shift_time_stays_in_range_and_lowers_the_noise(path_name, prediction):
     assert torch.allclose(objective.noisy(x0, eps, t_teacher), alpha * x0 + sigma * eps)
 
 
-def test_time_and_delta_sampling():
+def test_time_sampling():
     objective = FlowObjective()
     generator = torch.Generator().manual_seed(0)
     t = objective.sample_time(10000, "cpu", generator)
@@ -333,11 +333,7 @@ def test_time_and_delta_sampling():
     lognormal = FlowObjective(time_sampling="lognormal").sample_time(10000, "cpu", generator).double()
     log_ratio = torch.log(lognormal / (1 - lognormal))  # σ_t/α_t on the linear path
     assert abs(float(log_ratio.mean())) < 0.05 and abs(float(log_ratio.std()) - 1) < 0.05
-    delta = objective.sample_delta(10000, 0.2, False, "cpu", generator)
-    assert 0 <= float(delta.min()) and float(delta.max()) < 0.2
-    assert torch.equal(objective.sample_delta(3, 0.2, True, "cpu"), torch.full((3,), 0.2))
-    with pytest.raises(ValueError, match="t_max"):
-        objective.sample_delta(3, 1.5, False, "cpu")
+    assert objective.discrete_steps is None
 
 
 def test_sampling_starts_where_the_prediction_is_defined():
@@ -400,5 +396,6 @@ def test_create_objective_builds_flow_with_options():
     assert (objective.name, objective.path.name, objective.prediction) == ("flow", "cosine", "noise")
     assert (objective.default_method, objective.default_num_steps) == ("sde", 250)
     assert objective.sampler_methods == ("sde", "euler", "heun")
-    with pytest.raises(ValueError, match="unknown objective kind"):
+    assert objective.options() == {"path": "cosine", "prediction": "noise", "time_sampling": "lognormal"}
+    with pytest.raises(ValueError, match="unknown objective 'edm'"):
         create_objective("edm")

@@ -1,4 +1,11 @@
-"""Training checkpoints: atomic writes, keep-last-K plus milestones, resume from the newest valid file."""
+"""Training checkpoints: atomic, checksummed writes, keep-last-K plus milestones, resume from the newest
+file that loads and verifies.
+
+A checkpoint is one file `step_XXXXXXX.pt` written under a temporary name, fsynced and renamed, so a
+crash never leaves a half-written file under the final name. It carries a sha256 over its whole content
+(every tensor's bytes and every other value), recomputed on load: a flipped byte anywhere is caught.
+"""
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -7,21 +14,50 @@ import torch
 import torch.distributed as dist
 
 import models
+from errors import UserError
+from objectives.registry import describe
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})\.pt$")
+DIGEST_KEY = "sha256"
 
 
 def checkpoint_path(directory, step):
     return Path(directory) / f"step_{step:07d}.pt"
 
 
+def content_digest(value, digest=None):
+    """sha256 over a checkpoint's content in a fixed order: dict keys sorted, tensors by dtype, shape and
+    bytes, anything else by its repr."""
+    digest = digest or hashlib.sha256()
+    if isinstance(value, dict):
+        digest.update(b"{")
+        for key in sorted(value, key=repr):
+            digest.update(repr(key).encode() + b":")
+            content_digest(value[key], digest)
+        digest.update(b"}")
+    elif isinstance(value, list | tuple):
+        digest.update(b"[")
+        for item in value:
+            content_digest(item, digest)
+        digest.update(b"]")
+    elif isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"tensor{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        digest.update(repr(value).encode())
+    return digest
+
+
 def save_atomic(state, path):
-    """Write to a temporary file in the same directory, then rename: a crash never leaves a
-    half-written file under the final name."""
+    """torch.save to a temporary file in the same directory, fsync it, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(tmp, path)
 
 
@@ -34,21 +70,40 @@ def list_checkpoints(directory):
     return sorted(found)
 
 
+def read_checkpoint(path, map_location="cpu"):
+    """A checkpoint's state, its checksum verified; ValueError naming what is wrong otherwise."""
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict) or DIGEST_KEY not in state:
+        if isinstance(state, dict) and state.get("format") == models.CHECKPOINT_FORMAT_V1:
+            return state  # written before checksums existed
+        raise ValueError("not a training checkpoint of this project (no checksum)")
+    expected = state.pop(DIGEST_KEY)
+    actual = content_digest(state).hexdigest()
+    if actual != expected:
+        raise ValueError(f"checksum mismatch: the content hashes to {actual[:16]}…, the file says {expected[:16]}…")
+    return state
+
+
 def load_latest(directory, map_location="cpu"):
-    """(state, path) of the newest checkpoint that loads, or (None, None). Unreadable files are
-    reported and passed over, never deleted."""
+    """(state, path, unreadable) for the newest checkpoint that loads and verifies, or (None, None,
+    unreadable). `unreadable` lists (path, reason) of the newer files passed over; none is deleted."""
+    unreadable = []
     for _, path in reversed(list_checkpoints(directory)):
         try:
-            return torch.load(path, map_location=map_location, weights_only=True), path
-        except Exception as error:  # a truncated or corrupt file: fall back to the one before
-            print(f"warning: skipping unreadable checkpoint {path} ({type(error).__name__}: {error})")
-    return None, None
+            return read_checkpoint(path, map_location), path, unreadable
+        except Exception as error:  # a truncated, corrupt or foreign file: fall back to the one before
+            reason = f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+            print(f"warning: skipping unreadable checkpoint {path} ({reason})")
+            unreadable.append((path, reason))
+    return None, None, unreadable
 
 
-def prune(directory, keep_last, milestone_every):
-    """Delete all but the newest `keep_last` checkpoints, keeping every multiple of `milestone_every`."""
-    checkpoints = list_checkpoints(directory)
-    for step, path in checkpoints[: max(len(checkpoints) - keep_last, 0)]:
+def prune(directory, current_step, keep_last, milestone_every):
+    """Keep the checkpoint of `current_step`, the newest keep_last − 1 before it and every milestone.
+    Files of later steps (unreadable ones a resumed run passed over) are left alone: pruning never
+    deletes the newest loadable checkpoint in favour of them."""
+    older = [(step, path) for step, path in list_checkpoints(directory) if step < current_step]
+    for step, path in older[: max(len(older) - (keep_last - 1), 0)]:
         if milestone_every and step % milestone_every == 0:
             continue
         path.unlink()
@@ -76,45 +131,64 @@ def gather_objects(obj):
     return gathered
 
 
-def time_convention(config):
-    return models.DISCRETE_STEPS if models.model_family(config["model"]) == "DiT" else models.DATA_AT_0
+def checkpoint_meta(record, backbone, objective):
+    """What sampling and analysis read to use a checkpoint without flags: the model spec, its time
+    convention, the objective it was trained with, and where its data came from."""
+    meta = models.checkpoint_metadata(backbone, models.family_of(record["model"]["model"]).time_convention)
+    meta["objective"] = describe(objective)
+    meta["data_dir"] = record["run"]["data_dir"]
+    meta["vae"] = record["output"]["vae"]
+    return meta
 
 
-def save_checkpoint(run_dir, step, config, student, ema, optimizer, scaler, counters, accelerator):
-    rng_states = gather_objects(rng_state(accelerator.device))  # every process takes part
+def save_checkpoint(run_dir, step, record, parts, counters, accelerator):
+    """Every process takes part (its RNG state is gathered); the main process writes and prunes."""
+    rng_states = gather_objects(rng_state(accelerator.device))
     if not accelerator.is_main_process:
         return
+    student, optimizer, scaler = parts.student, parts.optimizer, parts.scaler
+    data = record["data"]
     state = {
         "format": models.CHECKPOINT_FORMAT,
-        "meta": models.checkpoint_metadata(student.backbone, time_convention(config)),
+        "meta": checkpoint_meta(record, student.backbone, parts.objective),
         "step": step,
         "model": student.backbone.state_dict(),
-        "ema": ema.state_dict(),
+        "ema": parts.ema.state_dict(),
         "head": student.head.state_dict() if student.head is not None else None,
         "opt": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng_states,
-        "sampler": {"consumed": step * config["per_gpu_batch_size"] * config["grad_accum_steps"]},
-        "counters": {key: int(value) for key, value in counters.items()},
-        "config": config,
+        "sampler": {"consumed": step * data["per_gpu_batch_size"] * record["optim"]["grad_accum_steps"]},
+        "counters": {key: float(value) for key, value in counters.items()},
+        "config": record,
     }
+    state[DIGEST_KEY] = content_digest(state).hexdigest()
     directory = Path(run_dir) / "checkpoints"
     save_atomic(state, checkpoint_path(directory, step))
-    prune(directory, config["keep_last"], config["milestone_every"])
+    output = record["output"]
+    prune(directory, step, output["keep_last"], output["milestone_every"])
 
 
-def restore(state, student, ema, optimizer, scaler, accelerator):
+def check_loadable(state, path, accelerator):
+    """A mismatch between the checkpoint and this launch, reported before anything is restored."""
+    if state.get("format") != models.CHECKPOINT_FORMAT:
+        raise UserError(
+            f"{path} was written by an older version of this code ({state.get('format')}); finish that run "
+            "with that version, or start a new one (--run-name). sample_ddp.py and analysis still read it")
+    ranks = state["rng"]
+    if len(ranks) != accelerator.num_processes:
+        raise UserError(
+            f"{path} was written by {len(ranks)} processes; resume with the same number (now "
+            f"{accelerator.num_processes}) so the run continues identically")
+
+
+def restore(state, parts, accelerator):
+    student = parts.student
     student.backbone.load_state_dict(state["model"])
     if student.head is not None:
         student.head.load_state_dict(state["head"])
-    ema.load_state_dict(state["ema"])
-    optimizer.load_state_dict(state["opt"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    ranks = state["rng"]
-    if len(ranks) != accelerator.num_processes:
-        raise ValueError(
-            f"the checkpoint was written by {len(ranks)} processes; resume with the same number "
-            f"(now {accelerator.num_processes}) so the run continues identically"
-        )
-    set_rng_state(ranks[accelerator.process_index], accelerator.device)
+    parts.ema.load_state_dict(state["ema"])
+    parts.optimizer.load_state_dict(state["opt"])
+    if parts.scaler is not None and state["scaler"] is not None:
+        parts.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"][accelerator.process_index], accelerator.device)

@@ -6,7 +6,7 @@ from pathlib import Path
 class MetricsLogger:
     """Writes one JSON line per log step; mirrors to TensorBoard/wandb when enabled (main process only)."""
 
-    def __init__(self, run_dir, config, resume_step=0, tensorboard=True, use_wandb=False):
+    def __init__(self, run_dir, record, run_name, resume_step=0, tensorboard=True, use_wandb=False):
         self.path = Path(run_dir) / "metrics.jsonl"
         self._drop_lines_after(resume_step)
         self.writer = None
@@ -18,7 +18,7 @@ class MetricsLogger:
         if use_wandb:
             import wandb
 
-            self.wandb_run = wandb.init(project="sra", name=config.get("run_name"), config=config, resume="allow")
+            self.wandb_run = wandb.init(project="sra", name=run_name, config=record, resume="allow")
 
     def _drop_lines_after(self, step):
         """A resumed run rewrites the steps after its checkpoint; drop their old lines first."""

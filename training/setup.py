@@ -1,127 +1,129 @@
-"""Turning a resolved config into the pieces of a run: derived settings, model, objective, loss."""
+"""From a resolved TrainConfig and a dataset to the pieces of a run: what the data adds to the config,
+the model, its EMA, the objective, the guidance method, the loss and the optimizer."""
+import dataclasses
 import types
 
 import torch
 
 import models
-import sra
-from diffusion import create_objective
-from training.checkpoints import restore
+from configs.schema import OutputConfig
+from errors import UserError
+from guidance import GuidanceContext, Student, TrainingLoss
+from guidance.registry import build_guidance
+from objectives.registry import from_description
+from training.ema import EMA
 
-# Config keys a resumed run may change; any other difference from the saved config is an error.
-RESUMABLE_CHANGES = {
-    "max_steps", "log_every", "ckpt_every", "keep_last", "milestone_every", "sample_every",
-    "sample_grid_size", "sample_steps", "num_workers", "wandb", "tensorboard", "compile", "vae",
-    "eval_every", "eval_ref", "eval_samples", "eval_batch_size", "eval_steps",
+# Settings a resumed run may change: they decide where and how often things are written and how the
+# same computation is scheduled, never what is computed. Any other difference is an error.
+RESUMABLE = {
+    "preset", "run.results_dir", "run.run_name", "run.num_workers", "run.restart", "run.data_dir",
+    "optim.max_steps", "optim.compile",
+    *(f"output.{field.name}" for field in dataclasses.fields(OutputConfig)),
 }
 
 
-def finalize_config(config, dataset, world_size):
-    """Fill what depends on the data, the model and the number of processes; check consistency."""
-    config["run_name"] = config["run_name"] or config["preset"] or config["model"].replace("/", "")
+@dataclasses.dataclass(frozen=True)
+class DataFacts:
+    """What the dataset and the number of processes add to the config; recorded with the run."""
+
+    input_size: int  # model input side (latent or pixel)
+    in_channels: int
+    num_classes: int
+    num_samples: int
+    dataset_checksum: str  # the dataset's identity by content (index.json's combined sha256)
+    world_size: int
+    per_gpu_batch_size: int
+    steps_per_epoch: int
+
+
+def data_facts(config, dataset, world_size) -> DataFacts:
+    """The data-dependent settings, with every mismatch between the config and the data reported."""
     channels, height, width = dataset.meta["sample_shape"]
     if height != width:
-        raise ValueError(f"the model needs square inputs; the dataset holds {height}×{width}")
-    config.update(input_size=height, in_channels=channels, num_classes=dataset.meta["num_classes"])
-    config["steps_per_epoch"] = max(len(dataset) // config["global_batch_size"], 1)
-    if config["sra"] == "on":
-        depth = _model_depth(config)
-        student_default, teacher_default = sra.default_block_pair(config["model"])
-        config["student_depth"] = config["student_depth"] or student_default
-        config["teacher_depth"] = config["teacher_depth"] or teacher_default
-        for key in ("student_depth", "teacher_depth"):
-            if not 1 <= config[key] <= depth:
-                raise ValueError(f"--{key.replace('_', '-')} {config[key]} is outside the model's 1..{depth} blocks")
-    if config["eval_every"] and not config["eval_ref"]:
-        raise ValueError("--eval-every needs --eval-ref (reference statistics from evaluations.evaluator)")
-    per_step = world_size * config["grad_accum_steps"]
-    if config["global_batch_size"] % per_step:
-        raise ValueError(
-            f"--global-batch-size {config['global_batch_size']} is not divisible by "
-            f"{world_size} processes × {config['grad_accum_steps']} accumulation steps"
-        )
-    config["per_gpu_batch_size"] = config["global_batch_size"] // per_step
-    config["world_size"] = world_size
-    return config
+        raise UserError(f"the model needs square inputs; {dataset.root} holds {height}×{width} samples")
+    patch = models.parse_model_name(config.model.model)[2]
+    if height % patch:
+        raise UserError(f"{config.model.model} cuts {patch}×{patch} patches, which do not tile the dataset's "
+                        f"{height}×{width} inputs")
+    optim = config.optim
+    per_step = world_size * optim.grad_accum_steps
+    if optim.global_batch_size % per_step:
+        raise UserError(f"--global-batch-size {optim.global_batch_size} is not divisible by {world_size} "
+                        f"processes × {optim.grad_accum_steps} accumulation steps")
+    if len(dataset) < world_size:
+        raise UserError(f"{dataset.root} holds {len(dataset)} samples, fewer than the {world_size} processes")
+    return DataFacts(
+        input_size=height, in_channels=channels, num_classes=dataset.meta["num_classes"],
+        num_samples=len(dataset), dataset_checksum=dataset.meta["checksum"], world_size=world_size,
+        per_gpu_batch_size=optim.global_batch_size // per_step,
+        steps_per_epoch=max(len(dataset) // optim.global_batch_size, 1),
+    )
 
 
-def _model_depth(config):
-    return models.SIZES[models.parse_model_name(config["model"])[1]][0]
+def run_record(config, facts: DataFacts, identity: dict) -> dict:
+    """The run as config.json and every checkpoint hold it: the config, the data facts, and the content
+    digests of anything else the run depends on (a frozen encoder's weights)."""
+    return {**config.to_dict(), "data": dataclasses.asdict(facts), "identity": identity}
 
 
-def check_resumable(saved, config):
-    changed = {k for k in set(saved) | set(config) if saved.get(k) != config.get(k)} - RESUMABLE_CHANGES
+def _flat(record, prefix=""):
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resumable(saved: dict, record: dict) -> None:
+    """Refuse to continue a run whose saved record differs in anything but RESUMABLE settings; the data
+    may move (run.data_dir) as long as its content (data.dataset_checksum) is the same."""
+    old, new = _flat(saved), _flat(record)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE)
     if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in sorted(changed))
-        raise ValueError(
-            f"this run directory holds a run with a different config ({details}); "
-            "use another --run-name or the original flags"
-        )
+        details = ", ".join(f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise UserError(f"this run directory holds a run with a different config ({details}{more}); "
+                        "use another --run-name, or the original flags")
 
 
-def build_model(config):
-    options = {"class_dropout_prob": config["class_dropout_prob"], "qk_norm": config["qk_norm"]}
-    if config["learn_sigma"] is not None:
-        options["learn_sigma"] = config["learn_sigma"]
-    return models.create_model(
-        config["model"], config["input_size"], config["in_channels"], config["num_classes"], **options
-    )
+def build_model(config, facts: DataFacts):
+    model = config.model
+    return models.create_model(model.model, facts.input_size, facts.in_channels, facts.num_classes,
+                               class_dropout_prob=model.class_dropout_prob, qk_norm=model.qk_norm,
+                               learn_sigma=model.learn_sigma)
 
 
-def build_objective(config):
-    if models.model_family(config["model"]) == "DiT":
-        return create_objective("ddpm", min_step=config["dit_teacher_min_step"])
-    return create_objective(
-        "flow", path=config["path"], prediction=config["prediction"], time_sampling=config["time_sampling"]
-    )
-
-
-def build_loss(config, objective):
-    sra_config = None
-    if config["sra"] == "on":
-        sra_config = sra.SRAConfig(
-            student_depth=config["student_depth"],
-            teacher_depth=config["teacher_depth"],
-            t_max=config["t_max"],
-            fixed_interval=config["interval"] == "fixed",
-            distance=config["align_distance"],
-            smooth_l1_beta=config["smooth_l1_beta"],
-        )
-    return sra.TrainingLoss(objective, config["class_dropout_prob"], config["num_classes"], sra_config)
-
-
-
-def build_run(config, accelerator, state=None):
-    """Model, EMA teacher, loss and optimizer, restored from `state` (a checkpoint) when given.
+def build_run(config, facts: DataFacts, accelerator):
+    """Model, EMA, objective, guidance, loss and optimizer, freshly initialized.
 
     `student` is the plain module (backbone and head) used for the EMA update and checkpoints;
-    `trained` shares its parameters and runs the step (data-parallel, compiled with --compile)."""
+    `trained` shares its parameters and runs the step (data-parallel)."""
     # Every process initializes the same weights (the EMA copy is taken before data parallelism
     # would broadcast them), then draws its own training noise.
-    torch.manual_seed(config["seed"])
-    backbone = build_model(config)
-    head = sra.ProjectionHead(backbone.hidden_size) if config["sra"] == "on" else None
-    student = sra.Student(backbone, head, config["student_depth"] if head is not None else None)
-    ema = sra.EMATeacher(backbone, config["ema_decay"])
-    torch.manual_seed(config["seed"] * accelerator.num_processes + accelerator.process_index)
-    objective = build_objective(config)
-    trained = accelerator.prepare_model(student)
+    torch.manual_seed(config.run.seed)
+    backbone = build_model(config, facts)
+    ema = EMA(backbone, config.optim.ema_decay)
     ema.model.to(accelerator.device)
-    optimizer = torch.optim.AdamW(
-        student.parameters(), lr=config["lr"], betas=(config["adam_beta1"], config["adam_beta2"]),
-        weight_decay=config["weight_decay"], fused=True,
-    )
-    zero = torch.zeros((), device=accelerator.device)
-    counters = {"nonfinite_total": zero.clone(), "nonfinite_run": zero.clone()}
-    start_step = 0
-    if state is not None:
-        restore(state, student, ema, optimizer, accelerator.scaler, accelerator)
-        start_step = state["step"]
-        counters = {key: torch.tensor(float(v), device=accelerator.device) for key, v in state["counters"].items()}
-    if config["compile"]:
-        trained = torch.compile(trained)
-        ema.model.forward_features = torch.compile(ema.model.forward_features)
-    return types.SimpleNamespace(
-        student=student, trained=trained, ema=ema, objective=objective, loss_fn=build_loss(config, objective),
-        optimizer=optimizer, scaler=accelerator.scaler, counters=counters, start_step=start_step,
-    )
+    objective = from_description(config.objective_description())
+    context = GuidanceContext(objective=objective, teacher=ema.model, backbone=backbone, device=accelerator.device)
+    guidance = build_guidance(config.guidance, context)
+    head = guidance.build_head(backbone.hidden_size) if guidance is not None else None
+    student = Student(backbone, head, guidance.student_depth if guidance is not None else None)
+    torch.manual_seed(config.run.seed * accelerator.num_processes + accelerator.process_index)
+    trained = accelerator.prepare_model(student)
+    optim = config.optim
+    optimizer = torch.optim.AdamW(student.parameters(), lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2),
+                                  weight_decay=optim.weight_decay, fused=True)
+    loss_fn = TrainingLoss(objective, config.model.class_dropout_prob, facts.num_classes, guidance)
+    return types.SimpleNamespace(student=student, trained=trained, ema=ema, objective=objective,
+                                 guidance=guidance, loss_fn=loss_fn, optimizer=optimizer,
+                                 scaler=accelerator.scaler)
+
+
+def compile_run(parts, config):
+    """torch.compile of the step's student and of the teacher's partial forward (--compile)."""
+    if config.optim.compile:
+        parts.trained = torch.compile(parts.trained)
+        parts.ema.model.forward_features = torch.compile(parts.ema.model.forward_features)

@@ -6,24 +6,26 @@ import torch
 from preprocessing.dataset import sample_model_input
 
 
-def train_step(batches, meta, loss_fn, trained, teacher_model, optimizer, scaler, config, weight, accelerator):
-    """One optimizer step over `grad_accum_steps` micro-batches. Returns device tensors only (no host
-    sync): the loss terms, the grad norm and whether the step was applied (all gradients finite)."""
-    accum = config["grad_accum_steps"]
+def train_step(batches, meta, loss_fn, trained, optimizer, scaler, accelerator, weight, max_grad_norm):
+    """One optimizer step over the micro-batches in `batches` ((x, y) or (x, y, images) each).
+    Returns device tensors only (no host sync): the summed loss terms (loss, gen, align) averaged over
+    micro-batches, the grad norm, and whether the step was applied (all gradients finite)."""
+    accum = len(batches)
     totals = None
-    for index, (x, y) in enumerate(batches):
+    for index, (x, y, *images) in enumerate(batches):
         x0 = sample_model_input(x.to(accelerator.device, non_blocking=True), meta)
         y = y.to(accelerator.device, non_blocking=True)
+        images = images[0].to(accelerator.device, non_blocking=True) if images else None
         # Gradients are all-reduced only on the last micro-batch.
         sync = contextlib.nullcontext() if index == accum - 1 else accelerator.no_sync(trained)
         with sync, accelerator.autocast():
-            terms = loss_fn(trained, teacher_model, x0, y, weight)
+            terms = loss_fn(trained, x0, y, weight, images)
             accelerator.backward(terms["loss"] / accum)
         detached = torch.stack([terms["loss"].detach(), terms["gen"], terms["align"]]) / accum
         totals = detached if totals is None else totals + detached
     if scaler is not None:
         scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), config["max_grad_norm"])
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), max_grad_norm)
     finite = torch.isfinite(grad_norm)
     if scaler is not None:
         scaler.step(optimizer)  # the scaler skips non-finite steps itself

@@ -5,7 +5,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusion.objective import ModelFn, Objective, SamplerGenerator, check_t_max
+from objectives.interface import ModelFn, Objective, SamplerGenerator
 from transport.paths import make_path
 from transport.predictions import PREDICTIONS, broadcast_time
 from transport.samplers import SDE_LAST_STEP_TIME, ode_sample, sde_sample
@@ -31,6 +31,7 @@ class FlowObjective(Objective):
     """
 
     name = "flow"
+    discrete_steps = None
     sampler_methods = ("sde", "euler", "heun")
     default_method = "sde"
     default_num_steps = SAMPLING_STEPS
@@ -41,6 +42,7 @@ class FlowObjective(Objective):
             raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
         if time_sampling not in TIME_SAMPLINGS:
             raise ValueError(f"unknown time_sampling {time_sampling!r}; expected one of {TIME_SAMPLINGS}")
+        self.path_name = path
         self.path = make_path(path)
         self.prediction = prediction
         self.time_sampling = time_sampling
@@ -53,6 +55,9 @@ class FlowObjective(Objective):
             self.t_low, self.t_high = 0.0, 1.0
         self.sample_start = 1.0 - SAMPLE_EPS if singular_at_noise else 1.0
 
+    def options(self) -> dict[str, Any]:
+        return {"path": self.path_name, "prediction": self.prediction, "time_sampling": self.time_sampling}
+
     def sample_time(self, n: int, device, generator: torch.Generator | None = None) -> Tensor:
         """Training times, float32 (n,), in [t_low, t_high]: uniform, or log-normal in σ_t/α_t."""
         if self.time_sampling == "uniform":
@@ -60,13 +65,6 @@ class FlowObjective(Objective):
             return self.t_low + (self.t_high - self.t_low) * u
         log_ratio = LOGNORMAL_MEAN + LOGNORMAL_STD * torch.randn(n, device=device, generator=generator)
         return self.path.time_from_noise_ratio(log_ratio.exp()).clamp(self.t_low, self.t_high)
-
-    def sample_delta(self, n: int, t_max: float, fixed: bool, device, generator=None) -> Tensor:
-        """SRA interval, float32 (n,): Δ ~ U(0, t_max), or Δ = t_max when fixed. SPEC §3 step 1."""
-        check_t_max(t_max)
-        if fixed:
-            return torch.full((n,), t_max, device=device)
-        return t_max * torch.rand(n, device=device, generator=generator)
 
     def shift_time(self, t: Tensor, delta: Tensor) -> Tensor:
         """Teacher time max(t - Δ, t_low) (t_low = 0 except where the prediction is singular there)."""

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-from diffusion.objective import ModelFn, SamplerGenerator, standard_normal
+from objectives.interface import ModelFn, SamplerGenerator, standard_normal
 from transport.paths import Path
 from transport.predictions import to_velocity, velocity_to_score
 

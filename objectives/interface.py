@@ -1,8 +1,9 @@
-"""The objective interface shared by DDPM (DiT) and flow matching (SiT).
+"""The objective interface shared by DDPM (DiT, diffusion/) and flow matching (SiT, transport/).
 
-Training and SRA are written once against `Objective`: sample a time, build the noisy input, compare
-the network output with the target, and shift the time to a lower noise level for the SRA teacher
-(SPEC §3 step 1). Sampling goes through `Objective.sample` with a `model_fn(x, t_model, t_frac)`.
+Training and representation guidance are written once against `Objective`: sample a time, build the
+noisy input, compare the network output with the target, and convert or shift times (a guidance
+method may ask for the same x0 and ε at a lower noise level). Sampling goes through
+`Objective.sample` with a `model_fn(x, t_model, t_frac)`. Nothing here knows about alignment.
 """
 
 import abc
@@ -22,10 +23,12 @@ or one generator per sample, so that a sample's noise does not depend on the bat
 
 
 class Objective(abc.ABC):
-    """What training and SRA need from a generative objective. Times are (N,) tensors in the
-    objective's own units: float in [0, 1] for flow (0 = data), int64 steps in [0, T-1] for DDPM."""
+    """What training, guidance and sampling need from a generative objective. Times are (N,) tensors
+    in the objective's own units: float in [0, 1] for flow (0 = data), int64 steps in [0, T-1] for
+    DDPM; `discrete_steps` says which (T, or None for continuous time)."""
 
     name: str
+    discrete_steps: int | None
     sampler_methods: tuple[str, ...]
     default_method: str
     default_num_steps: int
@@ -33,23 +36,23 @@ class Objective(abc.ABC):
     """Per sampler method: the keyword options `sample` accepts, with their defaults."""
 
     @abc.abstractmethod
+    def options(self) -> dict[str, Any]:
+        """The constructor options that rebuild this objective: type(self)(**options()). Checkpoints
+        record them with `name`, so sampling uses exactly the objective a model was trained with."""
+
+    @abc.abstractmethod
     def sample_time(self, n: int, device, generator: torch.Generator | None = None) -> Tensor:
         """Training times for n samples, shape (n,), drawn on `device` (a generator must live there)."""
 
     @abc.abstractmethod
-    def sample_delta(self, n: int, t_max: float, fixed: bool, device, generator=None) -> Tensor:
-        """SRA interval Δ in time units. Flow: Δ ~ U(0, t_max) (fixed: Δ = t_max).
-        DDPM: Δ ~ randint(0, floor(T*t_max)) (fixed: floor(T*t_max)). SPEC §3 step 1."""
-
-    @abc.abstractmethod
     def shift_time(self, t: Tensor, delta: Tensor) -> Tensor:
-        """Teacher time: flow max(t-Δ, 0); DDPM clamp(t-Δ, min_step, T-1) with min_step a constructor
-        option, default 0 (the paper: 'truncate to 0'); min_step=1 reproduces the release's quirk."""
+        """t − Δ (a lower noise level) kept inside the time range: flow max(t-Δ, t_low); DDPM
+        clamp(t-Δ, min_step, T-1), min_step a constructor option (default 0)."""
 
     @abc.abstractmethod
     def noisy(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """x_t for clean x0 and noise eps at times t (N,); same dtype as x0. Calling it again with the
-        same x0 and eps at the teacher time gives the SRA teacher input (SPEC §3 step 2)."""
+        same x0 and eps at another time gives the same sample at that noise level."""
 
     @abc.abstractmethod
     def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
@@ -104,23 +107,3 @@ def standard_normal(like: Tensor, generator: SamplerGenerator) -> Tensor:
         return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
     return torch.stack([torch.randn(like.shape[1:], generator=sample_generator, device=like.device,
                                     dtype=like.dtype) for sample_generator in generator])
-
-
-def check_t_max(t_max: float) -> None:
-    """SRA's t_max is a fraction of the time range (SPEC §3)."""
-    if not 0.0 <= t_max <= 1.0:
-        raise ValueError(f"t_max must lie in [0, 1], got {t_max}")
-
-
-def create_objective(kind: str, **options) -> Objective:
-    """Build the objective of a backbone family: "flow" (SiT, transport.FlowObjective) or
-    "ddpm" (DiT, diffusion.DDPMObjective); options go to that class's constructor."""
-    if kind == "flow":
-        from transport import FlowObjective  # lazy: DDPM users never import transport
-
-        return FlowObjective(**options)
-    if kind == "ddpm":
-        from diffusion.ddpm import DDPMObjective
-
-        return DDPMObjective(**options)
-    raise ValueError(f"unknown objective kind {kind!r}; expected 'flow' or 'ddpm'")

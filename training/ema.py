@@ -1,4 +1,4 @@
-"""The EMA teacher (SPEC §3 step 8): a frozen copy of the backbone, updated after every optimizer step."""
+"""The EMA of the backbone (SPEC §3 step 8): the weights that are sampled and evaluated, and SRA's teacher."""
 import copy
 
 import torch
@@ -6,10 +6,10 @@ import torch
 EMA_DECAY = 0.9999  # paper main text and release (the paper's appendix table says 0.999)
 
 
-class EMATeacher:
+class EMA:
     """θ̄ ← m·θ̄ + (1 − m)·θ with fused `torch._foreach_*` ops in fp32.
 
-    The same EMA model serves as SRA's teacher and as the weights that are sampled and evaluated.
+    Every run keeps one: its model is what is sampled and evaluated, and SRA uses it as the teacher.
     It stays in eval mode with requires_grad off, so no graph is ever built through it."""
 
     def __init__(self, backbone, decay=EMA_DECAY):

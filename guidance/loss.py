@@ -1,0 +1,61 @@
+"""The training loss, written once for every objective and every guidance method (SPEC §3 step 7).
+
+Per step, for clean inputs x0 and labels y: labels are dropped for CFG once; the student sees x_t at
+time t and yields its prediction and (with guidance) its projected block-k_s tokens in one pass; the
+method computes its target without gradients; L = L_gen + λ·mean over tokens of the distance.
+"""
+import torch
+import torch.nn as nn
+
+from models import drop_labels
+
+from .base import AlignmentInputs
+
+
+class Student(nn.Module):
+    """The trained parameters: the backbone and, with guidance, the head on its block-k tokens.
+
+    One module so that data-parallel wrappers see a single forward; it returns the prediction and the
+    projected block-`feature_depth` tokens (None without a head)."""
+
+    def __init__(self, backbone, head=None, feature_depth=None):
+        super().__init__()
+        if (head is None) != (feature_depth is None):
+            raise ValueError("a projection head needs a feature depth, and the other way round")
+        self.backbone = backbone
+        self.head = head
+        self.feature_depth = feature_depth
+
+    def forward(self, x_t, t, y):
+        if self.head is None:
+            return self.backbone(x_t, t, y), None
+        prediction, tokens = self.backbone.forward_with_features(x_t, t, y, self.feature_depth)
+        return prediction, self.head(tokens)  # (N, C, H, W), (N, T, D_target)
+
+
+class TrainingLoss:
+    """L = L_gen + λ·L_align; with `guidance=None`, the plain DiT/SiT loss, drawing the same random
+    numbers for everything the two share."""
+
+    def __init__(self, objective, class_dropout_prob, null_class, guidance=None):
+        self.objective = objective
+        self.class_dropout_prob = class_dropout_prob
+        self.null_class = null_class
+        self.guidance = guidance
+
+    def __call__(self, student, x0, y, weight, images=None):
+        """student: a `Student` (possibly wrapped for data parallelism); images: the clean uint8 images,
+        for methods that need them. Returns 0-d tensors: loss, gen, align (align is 0 without guidance)."""
+        objective = self.objective
+        y = drop_labels(y, self.class_dropout_prob, self.null_class)
+        t = objective.sample_time(x0.shape[0], x0.device)
+        eps = torch.randn_like(x0)
+        x_t = objective.noisy(x0, eps, t)
+        prediction, projected = student(x_t, objective.model_time(t), y)
+        gen = objective.loss(prediction, x0, eps, t, x_t).mean()
+        if self.guidance is None:
+            return {"loss": gen, "gen": gen.detach(), "align": torch.zeros_like(gen)}
+        with torch.no_grad():
+            target = self.guidance.target(AlignmentInputs(x0, eps, t, y, images))
+        align = self.guidance.distance(projected, target).mean()
+        return {"loss": gen + weight * align, "gen": gen.detach(), "align": align.detach()}

@@ -1,0 +1,51 @@
+"""The non-finite guard: a step whose gradients are not finite is skipped (optimizer and EMA), counted on
+the device, and a run of too many in a row stops training.
+
+The loop never waits on the host for this: each step writes its flag into a device buffer, and the
+host reads the buffer every `check_every` steps (never more than the limit or the log interval), so the
+longest streak is known exactly, with its steps, and the run stops at most limit − 1 steps after the
+streak reached the limit. Skipped steps leave the weights unchanged, so nothing is lost meanwhile.
+"""
+import torch
+
+
+class NonFiniteGuard:
+    def __init__(self, limit, log_every, device, counters=None):
+        """counters: {"nonfinite_total", "nonfinite_run"} from a checkpoint (floats), or None."""
+        counters = counters or {}
+        self.limit = limit
+        self.check_every = min(limit, log_every)
+        self.total = torch.tensor(float(counters.get("nonfinite_total", 0)), device=device)
+        self.run = torch.tensor(float(counters.get("nonfinite_run", 0)), device=device)
+        self.flags = torch.zeros(self.check_every, device=device)  # 1 where the step was skipped
+        self.steps = []  # the steps whose flags are in the buffer, in order
+        self.run_at_window_start = float(counters.get("nonfinite_run", 0))
+
+    def record(self, step, finite):
+        """After each step; device work only."""
+        skipped = (~finite).float()
+        self.total += skipped
+        self.run = (self.run + 1) * skipped
+        self.flags[len(self.steps)] = skipped
+        self.steps.append(step)
+
+    def due(self):
+        return len(self.steps) == self.check_every
+
+    def check(self):
+        """Read the window (one host sync). Returns the steps of a streak that reached the limit (it may
+        have begun before the window), or None; then starts a new window."""
+        flags = self.flags[: len(self.steps)].tolist()
+        streak = self.run_at_window_start
+        streak_steps, found = [], None
+        for step, skipped in zip(self.steps, flags):
+            streak = streak + 1 if skipped else 0
+            streak_steps = streak_steps + [step] if skipped else []
+            if streak >= self.limit and found is None:
+                found = (int(streak), streak_steps[:])
+        self.run_at_window_start = streak
+        self.steps = []
+        return found
+
+    def counters(self):
+        return {"nonfinite_total": self.total, "nonfinite_run": self.run}
