@@ -104,7 +104,7 @@ def main(argv=None):
         accelerator.print(f"resumed from {state_path} at step {start_step}")
     del state
     compile_run(parts, config)
-    guard = NonFiniteGuard(config.optim.max_nonfinite_steps, output.log_every, device, counters)
+    guard = NonFiniteGuard(config.optim.max_nonfinite_steps, output.log_every, device, start_step, counters)
     train_seconds = (counters or {}).get("train_seconds", 0.0)
     loader = make_loader(
         dataset, facts.per_gpu_batch_size, rank=accelerator.process_index, world_size=accelerator.num_processes,

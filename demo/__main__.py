@@ -29,6 +29,7 @@ import train
 from analysis.__main__ import main as analyze
 from demo import dataset, report
 from demo.paths import RUNS, DemoPaths
+from errors import UserError, run_cli
 from evaluations import evaluator
 from evaluations.inception import default_weights_path, verify_weights_file
 from preprocessing.__main__ import main as preprocess
@@ -84,9 +85,9 @@ def resolve_settings(args) -> dict:
     for key, minimum in minimums.items():
         if settings[key] < minimum:
             flag = f"--{key.replace('_', '-')}"
-            raise SystemExit(f"error: {flag} must be at least {minimum}, got {settings[key]}")
+            raise UserError(f"{flag} must be at least {minimum}, got {settings[key]}")
     if settings["reference_images"] % dataset.NUM_CLASSES:
-        raise SystemExit(f"error: --reference-images must be a multiple of {dataset.NUM_CLASSES} "
+        raise UserError(f"--reference-images must be a multiple of {dataset.NUM_CLASSES} "
                          f"(the same number per class), got {settings['reference_images']}")
     return settings
 
@@ -98,7 +99,7 @@ def claim_output_dir(paths: DemoPaths, settings: dict) -> None:
         changed = sorted(key for key in set(saved) | set(settings) if saved.get(key) != settings.get(key))
         if changed:
             details = ", ".join(f"{key}: {saved.get(key)} -> {settings.get(key)}" for key in changed)
-            raise SystemExit(f"error: {paths.root} holds a demo made with other settings ({details}); "
+            raise UserError(f"{paths.root} holds a demo made with other settings ({details}); "
                              "pass another --output-dir, or delete it to start over")
         return
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -302,4 +303,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -31,3 +31,23 @@ def project_meta(model, name, data_dir=None, vae=None):
     meta = models.checkpoint_metadata(model, family.time_convention)
     meta.update(objective=describe(objective_for_model(name, **options)), data_dir=data_dir, vae=vae)
     return meta
+
+
+def tiny_dinov2(seed=0, grid=2):
+    """A DINOv2-architecture timm ViT (patch 14, class token, LayerScale) with 2 blocks of width 32 and
+    seeded random weights: stands in for the real encoder, which cannot be downloaded here."""
+    import timm
+
+    torch.manual_seed(seed)
+    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=14 * grid,
+                            depth=2, embed_dim=32, num_heads=2)
+    return randomize_(vit, seed, std=0.2)
+
+
+def tiny_dinov2_dir(path, seed=0, grid=2):
+    """The tiny encoder saved as a timm folder (config.json + model.safetensors), the layout of a
+    downloaded `timm/vit_*_dinov2.lvd142m`; load it with `--repa-encoder local-dir:PATH`."""
+    from timm.models._hub import save_for_hf
+
+    save_for_hf(tiny_dinov2(seed, grid), path, safe_serialization=True)
+    return path

@@ -12,6 +12,7 @@ from demo import dataset
 from demo.__main__ import main as run_demo
 from demo.__main__ import segment_ends
 from demo.report import GRID_GAP, GRID_SCALE, class_grid
+from errors import UserError
 from evaluations import evaluator, features
 from evaluations.metrics import FIDStatistics, frechet_distance
 
@@ -108,14 +109,14 @@ def test_rerun_reuses_every_stage(smoke):
 
 def test_other_settings_in_the_same_directory_are_refused(smoke):
     output_dir = smoke[0]
-    with pytest.raises(SystemExit, match=r"other settings \(fid_every: 2 -> 3, steps: 4 -> 6\)"):
+    with pytest.raises(UserError, match=r"other settings \(fid_every: 2 -> 3, steps: 4 -> 6\)"):
         run_demo([*SMOKE, "--steps", "6", "--output-dir", str(output_dir)])
 
 
 def test_bad_flags_are_refused_before_any_work(tmp_path):
-    with pytest.raises(SystemExit, match="--reference-images must be a multiple of 10"):
+    with pytest.raises(UserError, match="--reference-images must be a multiple of 10"):
         run_demo([*SMOKE, "--reference-images", "15", "--output-dir", str(tmp_path / "a")])
-    with pytest.raises(SystemExit, match="--images-per-class must be at least 2"):
+    with pytest.raises(UserError, match="--images-per-class must be at least 2"):
         run_demo([*SMOKE, "--images-per-class", "1", "--output-dir", str(tmp_path / "b")])
     assert not any(tmp_path.iterdir())
 

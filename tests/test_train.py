@@ -163,3 +163,129 @@ def test_fid_during_training(tmp_path, data_dir, monkeypatch):
     lines = [json.loads(x) for x in (tmp_path / "debug" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == 2 and lines[-1]["fid4"] == 12.5
     assert lines[-1]["train_time_s"] == lines[-2]["train_time_s"] > 0  # training time only, logged with FID
+
+
+def test_repa_end_to_end_records_its_encoder(tmp_path, data_dir):
+    from repa import weights_sha256
+    from tests.helpers import tiny_dinov2, tiny_dinov2_dir
+
+    folder = tiny_dinov2_dir(tmp_path / "encoder", seed=1, grid=4)  # SiT-T/2 at 8×8: 4×4 tokens
+    common = ["--guidance", "repa", "--repa-encoder", f"local-dir:{folder}", "--sample-every", "0",
+              "--run-name", "repa"]
+    run(tmp_path, data_dir, *common, "--max-steps", "2")
+    record = json.loads((tmp_path / "repa" / "config.json").read_text())
+    assert record["guidance"]["method"] == "repa" and record["guidance"]["student_depth"] == 2
+    assert record["identity"] == {"repa_encoder_sha256": weights_sha256(tiny_dinov2(seed=1, grid=4))}
+    state = read_checkpoint(tmp_path / "repa/checkpoints/step_0000002.pt")
+    assert set(state["head"]) == {f"{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
+    assert state["head"]["4.weight"].shape == (32, 2048)  # to the encoder's width
+    lines = [json.loads(x) for x in (tmp_path / "repa" / "metrics.jsonl").read_text().splitlines()]
+    assert -1 <= lines[-1]["align"] <= 1  # REPA's −cos per token
+    tiny_dinov2_dir(folder, seed=2, grid=4)  # other weights under the same name
+    with pytest.raises(UserError, match="identity.repa_encoder_sha256"):
+        run(tmp_path, data_dir, *common, "--max-steps", "3")
+
+
+def flip_byte_in_largest_tensor(path):
+    """Flip one byte inside the largest tensor record of a torch.save zip (its CRC is not checked)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda item: item.file_size)
+    data = bytearray(path.read_bytes())
+    name_length = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little")
+    extra_length = int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")
+    offset = info.header_offset + 30 + name_length + extra_length + info.file_size // 2
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_checkpoints_are_detected_and_never_lost(tmp_path, data_dir, capsys):
+    common = ["--ckpt-every", "2", "--sample-every", "0", "--log-every", "2", "--keep-last", "1"]
+    run(tmp_path, data_dir, *common, "--max-steps", "4", "--milestone-every", "2")  # keeps steps 2 and 4
+    checkpoints = tmp_path / "debug" / "checkpoints"
+    flip_byte_in_largest_tensor(checkpoints / "step_0000004.pt")
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        read_checkpoint(checkpoints / "step_0000004.pt")
+    # A rerun falls back to step 2, says so, and keeps the corrupt file it passed over.
+    run(tmp_path, data_dir, *common, "--max-steps", "3")
+    assert "skipping unreadable checkpoint" in capsys.readouterr().out
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_0000003.pt", "step_0000004.pt"]
+    assert read_checkpoint(checkpoints / "step_0000003.pt")["step"] == 3  # pruning kept the newest loadable
+    # When no checkpoint can be read, a rerun refuses to start over and writes nothing.
+    flip_byte_in_largest_tensor(checkpoints / "step_0000003.pt")
+    config_before = (tmp_path / "debug" / "config.json").read_text()
+    with pytest.raises(UserError, match=r"none of the 2 checkpoints .* can be read .*--restart"):
+        run(tmp_path, data_dir, *common, "--max-steps", "2", "--lr", "1e-3")
+    assert (tmp_path / "debug" / "config.json").read_text() == config_before
+    run(tmp_path, data_dir, *common, "--max-steps", "2", "--lr", "1e-3", "--restart", "on")
+    assert read_checkpoint(checkpoints / "step_0000002.pt")["step"] == 2
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_0000002.pt", "step_0000003.pt",
+                                                             "step_0000004.pt"]
+
+
+def test_a_finished_run_says_so(tmp_path, data_dir, capsys):
+    run(tmp_path, data_dir, "--max-steps", "2", "--sample-every", "0")
+    capsys.readouterr()
+    result = run(tmp_path, data_dir, "--max-steps", "1", "--sample-every", "0")
+    assert "is at step 2, which is not before --max-steps 1: nothing to train" in capsys.readouterr().out
+    assert result["student"] is not None
+
+
+@pytest.mark.parametrize("bad_steps, limit, stops", [({2, 3}, 2, True), ({1, 3}, 2, False), ({2, 3, 4}, 3, True)])
+def test_nonfinite_streaks_are_counted_exactly(tmp_path, data_dir, monkeypatch, bad_steps, limit, stops):
+    from guidance.loss import TrainingLoss
+
+    original, calls = TrainingLoss.__call__, []
+
+    def poisoned(self, *args, **kwargs):
+        calls.append(1)
+        terms = original(self, *args, **kwargs)
+        if len(calls) in bad_steps:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(TrainingLoss, "__call__", poisoned)
+    argv = ["--max-steps", "6", "--log-every", "5", "--max-nonfinite-steps", str(limit), "--sample-every", "0"]
+    if not stops:
+        run(tmp_path, data_dir, *argv)
+        lines = [json.loads(x) for x in (tmp_path / "debug" / "metrics.jsonl").read_text().splitlines()]
+        assert lines[-1]["nonfinite_total"] == 2 and lines[-1]["nonfinite_run"] == 0
+        return
+    first, last = min(bad_steps), max(bad_steps)
+    with pytest.raises(RuntimeError, match=rf"{limit} consecutive steps had non-finite gradients "
+                                           rf"\(steps {first}–{last}.* Dataset indices of process 0"):
+        run(tmp_path, data_dir, *argv)
+    assert len(calls) < last + limit  # stopped within limit − 1 steps of the streak reaching the limit
+
+
+def test_user_errors_are_one_line_with_exit_status_2(tmp_path, data_dir):
+    for argv in (["--keep-last", "0"], ["--lr", "-1e-3"], ["--path", "cosine", "--model", "DiT-T/2"], []):
+        data = ["--data-dir", data_dir] if argv else []
+        done = subprocess.run([sys.executable, "train.py", *FAST, *data, "--results-dir", str(tmp_path), *argv],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_nonfinite_guard_continues_a_streak_across_a_resume():
+    from training.guard import NonFiniteGuard
+
+    guard = NonFiniteGuard(limit=3, log_every=100, device="cpu", start_step=5,
+                           counters={"nonfinite_total": 4.0, "nonfinite_run": 2.0})
+    guard.record(6, torch.tensor(False))
+    assert guard.check() == (3, [4, 5, 6])
+    assert (float(guard.total), float(guard.run)) == (5.0, 3.0)
+    guard.record(7, torch.tensor(True))
+    assert guard.check() is None and float(guard.run) == 0
+
+
+def test_wandb_logs_offline(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run(tmp_path, data_dir, "--max-steps", "2", "--log-every", "1", "--sample-every", "0", "--wandb", "on")
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))  # the run's log, ready for `wandb sync`

@@ -10,8 +10,8 @@ import torch
 
 
 class NonFiniteGuard:
-    def __init__(self, limit, log_every, device, counters=None):
-        """counters: {"nonfinite_total", "nonfinite_run"} from a checkpoint (floats), or None."""
+    def __init__(self, limit, log_every, device, start_step=0, counters=None):
+        """counters: {"nonfinite_total", "nonfinite_run"} of the checkpoint at `start_step`, or None."""
         counters = counters or {}
         self.limit = limit
         self.check_every = min(limit, log_every)
@@ -19,7 +19,8 @@ class NonFiniteGuard:
         self.run = torch.tensor(float(counters.get("nonfinite_run", 0)), device=device)
         self.flags = torch.zeros(self.check_every, device=device)  # 1 where the step was skipped
         self.steps = []  # the steps whose flags are in the buffer, in order
-        self.run_at_window_start = float(counters.get("nonfinite_run", 0))
+        streak = int(counters.get("nonfinite_run", 0))  # a streak may run on from before the checkpoint
+        self.streak = list(range(start_step - streak + 1, start_step + 1))
 
     def record(self, step, finite):
         """After each step; device work only."""
@@ -33,17 +34,13 @@ class NonFiniteGuard:
         return len(self.steps) == self.check_every
 
     def check(self):
-        """Read the window (one host sync). Returns the steps of a streak that reached the limit (it may
-        have begun before the window), or None; then starts a new window."""
-        flags = self.flags[: len(self.steps)].tolist()
-        streak = self.run_at_window_start
-        streak_steps, found = [], None
-        for step, skipped in zip(self.steps, flags):
-            streak = streak + 1 if skipped else 0
-            streak_steps = streak_steps + [step] if skipped else []
-            if streak >= self.limit and found is None:
-                found = (int(streak), streak_steps[:])
-        self.run_at_window_start = streak
+        """Read the window (one host sync). Returns (length, steps) of the first streak that reached the
+        limit (it may have begun in an earlier window), or None; then starts a new window."""
+        found = None
+        for step, skipped in zip(self.steps, self.flags[: len(self.steps)].tolist()):
+            self.streak = self.streak + [step] if skipped else []
+            if len(self.streak) >= self.limit and found is None:
+                found = (len(self.streak), self.streak[:])
         self.steps = []
         return found
 
