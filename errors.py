@@ -6,6 +6,7 @@ with a message that names the problem. The entry points (`train.py`, `sample_ddp
 run their `main` through `run_cli`, which prints that message as one line, `error: …`, and exits
 with code 2, as argparse does for a bad flag. Any other exception is a bug and keeps its traceback.
 """
+import argparse
 import sys
 
 EXIT_USER_ERROR = 2  # argparse's exit status for a usage error
@@ -25,3 +26,11 @@ def run_cli(main, argv=None):
         message = " ".join(str(error).split())  # one line, whatever the message holds
         print(f"error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR) from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are UserErrors: one line under run_cli (instead of the usage block),
+    with argparse's exit status 2."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")

@@ -8,7 +8,7 @@ import argparse
 import dataclasses
 import re
 
-from errors import UserError
+from errors import ArgumentParser, UserError
 from guidance import AlignmentConfig
 from guidance.registry import CHOICES, METHODS, NONE, config_class
 from models import FAMILIES, family_of
@@ -53,6 +53,8 @@ def _add_flag(group, field, help_text):
         kwargs["type"] = kind
         if choices is not None:
             kwargs["choices"] = choices
+            if len(choices) > 8:  # e.g. every registered model: name them in the help, not the usage line
+                kwargs["metavar"] = field.name.upper()
     group.add_argument(flag_name(field.name), **kwargs)
 
 
@@ -65,7 +67,7 @@ def _help(field, default_text=None):
 
 
 def build_parser(description=None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train.py", description=description,
+    parser = ArgumentParser(prog="train.py", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser._negative_number_matcher = NEGATIVE_NUMBER
     parser.add_argument("--preset", choices=PRESET_NAMES, default=argparse.SUPPRESS,

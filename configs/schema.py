@@ -40,7 +40,8 @@ class RunConfig(Section):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(Section):
-    model: str = option("SiT-B/2", "backbone; DiT trains with DDPM, SiT with flow matching", choices=MODEL_NAMES)
+    model: str = option("SiT-B/2", "backbone, {DiT,SiT}-{T,S,B,L,XL}/{2,4,8}; DiT trains with DDPM, SiT with "
+                        "flow matching", choices=MODEL_NAMES)
     class_dropout_prob: float = option(0.1, "label dropout for classifier-free guidance (SPEC §1)",
                                        minimum=0.0, maximum=0.99)
     qk_norm: bool = option(False, "LayerNorm on queries and keys (REPA's SiT option)")

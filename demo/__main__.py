@@ -29,7 +29,7 @@ import train
 from analysis.__main__ import main as analyze
 from demo import dataset, report
 from demo.paths import RUNS, DemoPaths
-from errors import UserError, run_cli
+from errors import ArgumentParser, UserError, run_cli
 from evaluations import evaluator
 from evaluations.inception import default_weights_path, verify_weights_file
 from preprocessing.__main__ import main as preprocess
@@ -52,7 +52,7 @@ PROBE_BATCH_SIZE = 256
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
+    parser = ArgumentParser(prog="python -m demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     flag = parser.add_argument
     flag("--output-dir", default=DEFAULT_OUTPUT_DIR, help="everything the demo writes goes here")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from errors import UserError, run_cli
+from errors import ArgumentParser, UserError, run_cli
 
 from .features import InceptionFeatures
 from .images import format_size, open_images, read_statistics, save_statistics
@@ -39,15 +39,8 @@ IS_UNAVAILABLE = (
 )
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse whose usage errors are UserErrors: one line under run_cli, with argparse's exit status 2."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser():
-    parser = OneLineErrorParser(
+    parser = ArgumentParser(
         prog="python -m evaluations.evaluator",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

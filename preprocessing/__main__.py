@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from errors import UserError, run_cli
+from errors import ArgumentParser, UserError, run_cli
 from preprocessing import store
 from preprocessing.encode import (
     DEFAULT_IMAGES_PER_SHARD,
@@ -40,7 +40,7 @@ BARRIER_TIMEOUT = timedelta(hours=2)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m preprocessing",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
