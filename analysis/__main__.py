@@ -4,16 +4,19 @@ Linear probes (paper App. C) and PCA pictures (paper Figure 2, left) of the toke
 checkpoint, for the EMA teacher and the online student. Writes probe.csv, probe.json,
 probe_<name>.png, compare.png (two or more checkpoints) and pca.png. Extracted features are cached
 under DIR/features; rerunning the same command reuses them and resumes an interrupted extraction.
+A mistake in the request (a missing file, a block or noise level out of range, a split too small) ends
+the command with one line, `error: ...`, and exit status 2, before any feature is extracted.
 """
 import argparse
 
 from analysis.features import PRECISIONS
 from analysis.probe import PROBE_BATCH_SIZE, PROBE_EPOCHS, PROBE_LR, PROBE_WEIGHT_DECAY, ProbeConfig
 from analysis.report import EXTRACT_BATCH_SIZE, PCA_IMAGES, VAL_FRACTION, WEIGHTS, checkpoint_name, run_probe
+from errors import ArgumentParser, UserError, run_cli
 from models.checkpoint import TIME_CONVENTIONS
 
 
-def parse_checkpoints(values, parser) -> dict:
+def parse_checkpoints(values) -> dict:
     """`NAME=PATH` or `PATH` (named by analysis.report.checkpoint_name) -> {name: path}, names unique."""
     checkpoints = {}
     for value in values:
@@ -21,14 +24,14 @@ def parse_checkpoints(values, parser) -> dict:
         if not separator:
             name, path = checkpoint_name(value), value
         if name in checkpoints:
-            parser.error(f"two checkpoints are named {name!r}; name them with --ckpt NAME=PATH")
+            raise UserError(f"two checkpoints are named {name!r}; name them with --ckpt NAME=PATH")
         checkpoints[name] = path
     return checkpoints
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m analysis", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", action="append", required=True, metavar="[NAME=]PATH",
                         help="checkpoint to probe (repeat to compare); this project's or a public release")
     parser.add_argument("--output-dir", required=True, help="where the table, figures and feature cache go")
@@ -60,7 +63,7 @@ def parse_args(argv):
     parser.add_argument("--time-convention", choices=TIME_CONVENTIONS, help="override the loader's choice")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    args.checkpoints = parse_checkpoints(args.ckpt, parser)
+    args.checkpoints = parse_checkpoints(args.ckpt)
     return args
 
 
@@ -81,4 +84,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

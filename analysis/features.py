@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import models
+from errors import UserError
 from objectives import Objective
 from preprocessing.dataset import LatentDataset, sample_model_input
 from sampling.pipeline import build_objective, training_info
@@ -75,11 +76,11 @@ def load_feature_model(path, weights="ema", model_name=None, time_convention=Non
     """
     loaded = models.load_checkpoint(path, model_name, time_convention=time_convention, prefer=weights)
     if loaded.source != weights and not (weights == "ema" and loaded.source == "state_dict"):
-        raise ValueError(f"{path} has no '{weights}' weights (it holds '{loaded.source}'); "
-                         "choose other --weights")
+        raise UserError(f"{path} has no '{weights}' weights (it holds '{loaded.source}'); "
+                        "choose other --weights")
     model = loaded.model.eval().requires_grad_(False)
     if model.y_embedder.embedding_table.num_embeddings <= model.num_classes:
-        raise ValueError(f"{path}: the model has no null class, and probing feeds the null class label")
+        raise UserError(f"{path}: the model has no null class, and probing feeds the null class label")
     objective = build_objective(loaded, training_info(path))
     return FeatureModel(model, objective, loaded.time_convention, loaded.name, loaded.source, loaded.notes)
 
@@ -127,7 +128,7 @@ def clean_inputs(dataset: LatentDataset, indices, seed: int) -> tuple[Tensor, Te
 
 def autocast(device: torch.device, precision: str):
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise UserError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from errors import UserError
+
 PROBE_EPOCHS = 80  # paper App. C
 PROBE_BATCH_SIZE = 4096  # paper App. C
 PROBE_LR = 1e-3  # paper App. C: initial learning rate of the cosine schedule
@@ -29,7 +31,8 @@ class ProbeConfig:
 
     def __post_init__(self):
         if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError(f"probe epochs, batch size and lr must be positive, weight decay >= 0: {self}")
+            raise UserError(f"--epochs, --probe-batch-size and --lr must be positive and --weight-decay >= 0, got "
+                            f"{self.epochs}, {self.batch_size}, {self.lr:g} and {self.weight_decay:g}")
 
 
 class LinearProbe(nn.Module):

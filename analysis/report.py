@@ -28,6 +28,7 @@ from analysis.features import (
 from analysis.pca import input_pictures, pca_panels
 from analysis.plots import plot_checkpoint, plot_comparison, save_pca_figure
 from analysis.probe import ProbeConfig, top1_accuracy, train_linear_probe
+from errors import UserError
 from preprocessing.dataset import LatentDataset
 from sampling.pipeline import training_info
 
@@ -63,25 +64,28 @@ def make_split(data_dir, val_dir=None, val_fraction=VAL_FRACTION, seed=0, max_tr
                max_val_samples=None) -> Split:
     """Train = data_dir and val = val_dir, or one seeded permutation of data_dir cut at val_fraction.
     max_*_samples keep a seeded random subset of each side."""
+    for flag, limit in (("--max-train-samples", max_train_samples), ("--max-val-samples", max_val_samples)):
+        if limit is not None and limit <= 0:
+            raise UserError(f"{flag} must be positive, got {limit}")
     train = LatentDataset(data_dir)
     if val_dir is not None:
         val = LatentDataset(val_dir)
         train_indices, val_indices = np.arange(len(train)), np.arange(len(val))
     else:
         if not 0 < val_fraction < 1:
-            raise ValueError(f"--val-fraction must lie in (0, 1), got {val_fraction}")
+            raise UserError(f"--val-fraction must lie in (0, 1), got {val_fraction}")
         val = train
         val_count = round(len(train) * val_fraction)
         order = np.random.default_rng(seed).permutation(len(train))
         train_indices, val_indices = order[val_count:], order[:val_count]
     if any(train.meta[key] != val.meta[key] for key in ("num_classes", "sample_shape", "kind")):
-        raise ValueError(f"{data_dir} and {val_dir} differ in classes, sample shape or kind")
+        raise UserError(f"{data_dir} and {val_dir} differ in classes, sample shape or kind")
     rng = np.random.default_rng([seed, 1])
     split = Split(train, _subset(train_indices, max_train_samples, rng),
                   val, _subset(val_indices, max_val_samples, rng))
     if min(len(split.train_indices), len(split.val_indices)) < MIN_SPLIT_SAMPLES:
-        raise ValueError(f"the split has {len(split.train_indices)} train and {len(split.val_indices)} val "
-                         f"samples; each side needs at least {MIN_SPLIT_SAMPLES}")
+        raise UserError(f"the split has {len(split.train_indices)} train and {len(split.val_indices)} val "
+                        f"samples; each side needs at least {MIN_SPLIT_SAMPLES}")
     return split
 
 
@@ -91,18 +95,30 @@ def _subset(indices, limit, rng) -> np.ndarray:
     return np.sort(indices)  # sorted reads are sequential in the shards
 
 
-def _check_request(checkpoints, blocks, times, weights):
+def _check_request(checkpoints, blocks, times, weights, seed):
     if not checkpoints:
-        raise ValueError("no checkpoints given")
+        raise UserError("no checkpoints given")
     bad_names = [name for name in checkpoints if not NAME_PATTERN.match(name)]
     if bad_names:
-        raise ValueError(f"checkpoint names {bad_names} must use only letters, digits, '.', '_', '-'")
+        raise UserError(f"checkpoint names {bad_names} must use only letters, digits, '.', '_', '-'")
+    for path in checkpoints.values():
+        if not Path(path).is_file():
+            raise UserError(f"--ckpt {path}: no such checkpoint file")
     if not blocks or len(set(blocks)) != len(blocks) or min(blocks) < EMBEDDING_BLOCK:
-        raise ValueError(f"blocks must be distinct integers >= 0 (0 = embedded input), got {blocks}")
+        raise UserError(f"blocks must be distinct integers >= 0 (0 = embedded input), got {blocks}")
     if not times or len(set(times)) != len(times) or not all(0 <= t <= 1 for t in times):
-        raise ValueError(f"noise levels must be distinct values in [0, 1] (0 = clean), got {times}")
+        raise UserError(f"noise levels must be distinct values in [0, 1] (0 = clean), got {times}")
     if not weights or len(set(weights)) != len(weights) or not set(weights) <= set(WEIGHTS):
-        raise ValueError(f"weights must be distinct values of {WEIGHTS}, got {weights}")
+        raise UserError(f"weights must be distinct values of {WEIGHTS}, got {weights}")
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")  # numpy's generators refuse negative seeds
+
+
+def _check_directories(output_dir: Path, cache_root: Path):
+    """Both are created later, once the request is known to be good; a file in their place is a mistake."""
+    for flag, directory in (("--output-dir", output_dir), ("--cache-dir", cache_root)):
+        if directory.exists() and not directory.is_dir():
+            raise UserError(f"{flag} {directory} exists and is not a directory")
 
 
 def _check_models(feature_models: dict, blocks, split: Split):
@@ -110,19 +126,23 @@ def _check_models(feature_models: dict, blocks, split: Split):
     for (name, _), feature_model in feature_models.items():
         model = feature_model.model
         if max(blocks) > model.depth:
-            raise ValueError(f"{name} ({feature_model.name}) has {model.depth} blocks; block {max(blocks)} "
-                             "does not exist")
+            raise UserError(f"{name} ({feature_model.name}) has {model.depth} blocks; block {max(blocks)} "
+                            "does not exist")
         expected = [model.in_channels, model.input_size, model.input_size]
         if expected != shape:
-            raise ValueError(f"{name} takes inputs of shape {expected}, the dataset holds {shape}")
+            raise UserError(f"{name} takes inputs of shape {expected}, the dataset holds {shape}")
 
 
 def _training_data_dir(checkpoints) -> str:
-    """The data_dir every checkpoint of this project was trained on, when they agree."""
+    """The data_dir every checkpoint of this project was trained on, when they agree and it is here."""
     found = {training_info(path).get("data_dir") for path in checkpoints.values()}
     if len(found) != 1 or None in found:
-        raise ValueError("pass --data-dir: the checkpoints do not name one training dataset")
-    return found.pop()
+        raise UserError("pass --data-dir: the checkpoints do not name one training dataset")
+    data_dir = found.pop()
+    if not Path(data_dir).is_dir():
+        raise UserError(f"the checkpoints were trained on {data_dir}, which is not on this machine; "
+                        "pass --data-dir")
+    return data_dir
 
 
 def _features(feature_model: FeatureModel, path, weights, name, dataset, indices, side, blocks, times,
@@ -208,21 +228,22 @@ def run_probe(checkpoints: dict, output_dir, *, blocks, times, data_dir=None, va
     """
     blocks, times, weights = list(blocks), [float(t) for t in times], list(weights)
     probe = probe or ProbeConfig()
-    _check_request(checkpoints, blocks, times, weights)
+    _check_request(checkpoints, blocks, times, weights, seed)
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise UserError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if pca_images < 0 or extract_batch_size <= 0:
-        raise ValueError(f"pca_images must be >= 0 and extract_batch_size > 0, got {pca_images}, "
-                         f"{extract_batch_size}")
+        raise UserError(f"--pca-images must be >= 0 and --extract-batch-size > 0, got {pca_images}, "
+                        f"{extract_batch_size}")
+    output_dir = Path(output_dir)
+    cache_root = Path(cache_dir) if cache_dir is not None else output_dir / "features"
+    _check_directories(output_dir, cache_root)
     feature_models = {(name, w): load_feature_model(path, w, model_name, time_convention)
                       for name, path in checkpoints.items() for w in weights}
     data_dir = data_dir if data_dir is not None else _training_data_dir(checkpoints)
     split = make_split(data_dir, val_dir, val_fraction, seed, max_train_samples, max_val_samples)
     _check_models(feature_models, blocks, split)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    cache_root = Path(cache_dir) if cache_dir is not None else output_dir / "features"
     num_classes = split.train.meta["num_classes"]
     train_labels = _as_tensor(split.train.labels[split.train_indices], device)
     val_labels = _as_tensor(split.val.labels[split.val_indices], device)

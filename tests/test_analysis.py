@@ -2,6 +2,10 @@
 probes, PCA pictures and the `python -m analysis` report (CPU, tiny models, generated pixel data)."""
 import csv
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +28,7 @@ from analysis import (
     train_linear_probe,
 )
 from analysis.__main__ import main as analysis_main
+from errors import EXIT_USER_ERROR, UserError, run_cli
 from preprocessing.__main__ import main as preprocess
 from tests.helpers import project_meta, randomize_
 
@@ -34,6 +39,7 @@ SIDE = 8
 # which the pooled patch embedding (a linear map of the mean patch) keeps.
 CLASS_COLOURS = np.array([[40, 40, 200], [200, 40, 40], [40, 200, 40], [200, 200, 200]])
 PIXEL_NOISE = 30
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -252,29 +258,57 @@ def test_command_writes_table_and_figures(tmp_path, data_dir):
 def test_bad_requests_fail_before_any_work(tmp_path, data_dir, checkpoint):
     out = tmp_path / "out"
     base = ["--ckpt", checkpoint, "--output-dir", str(out), "--no-progress", "--data-dir", data_dir]
-    with pytest.raises(ValueError, match="has 3 blocks; block 4 does not exist"):
-        analysis_main([*base, "--blocks", "4", "--times", "0"])
-    with pytest.raises(ValueError, match=r"noise levels must be distinct values in \[0, 1\]"):
-        analysis_main([*base, "--blocks", "1", "--times", "1.5"])
-    with pytest.raises(ValueError, match=r"--val-fraction must lie in \(0, 1\), got 1.5"):
-        analysis_main([*base, "--blocks", "1", "--times", "0", "--val-fraction", "1.5"])
-    with pytest.raises(ValueError, match="the split has 1 train and 26 val samples"):
-        analysis_main([*base, "--blocks", "1", "--times", "0", "--max-train-samples", "1"])
+    one_block = [*base, "--blocks", "1", "--times", "0"]
+    rest = one_block[2:]  # without --ckpt
+
+    def refused(argv, message):
+        with pytest.raises(UserError, match=message) as error:
+            analysis_main(argv)
+        assert "\n" not in str(error.value)
+
+    refused([*base, "--blocks", "4", "--times", "0"], "has 3 blocks; block 4 does not exist")
+    refused([*base, "--blocks", "1", "--times", "1.5"], r"noise levels must be distinct values in \[0, 1\]")
+    refused([*one_block, "--val-fraction", "1.5"], r"--val-fraction must lie in \(0, 1\), got 1.5")
+    refused([*one_block, "--max-train-samples", "1"], "the split has 1 train and 26 val samples")
+    refused([*one_block, "--max-val-samples", "0"], "--max-val-samples must be positive, got 0")
+    refused([*one_block, "--epochs", "0"], "--epochs, --probe-batch-size and --lr must be positive")
+    refused([*one_block, "--seed", "-1"], "--seed must be >= 0, got -1")
+    refused(["--ckpt", str(tmp_path / "missing.pt"), *rest], f"--ckpt {tmp_path / 'missing.pt'}: no such checkpoint")
+    refused([*one_block, "--data-dir", str(tmp_path)], f"{tmp_path} has no index.json: it is not a preprocessed")
+    (tmp_path / "a_file").write_text("")
+    refused([*one_block, "--cache-dir", str(tmp_path / "a_file")], "--cache-dir .*a_file exists and is not a dir")
+    moved = save_checkpoint(tmp_path / "moved.pt", pixel_model(), pixel_model(), str(tmp_path / "gone"))
+    refused(["--ckpt", moved, "--output-dir", str(out), "--blocks", "1", "--times", "0"],
+            f"trained on {tmp_path / 'gone'}, which is not on this machine; pass --data-dir")
     teacher_only = tmp_path / "teacher_only.pt"
     state = torch.load(checkpoint, weights_only=True)
     del state["model"]
     torch.save(state, teacher_only)
-    with pytest.raises(ValueError, match="has no 'model' weights"):
-        analysis_main(["--ckpt", str(teacher_only), *base[2:], "--blocks", "1", "--times", "0"])
+    refused(["--ckpt", str(teacher_only), *rest], "has no 'model' weights")
     no_null = save_checkpoint(tmp_path / "no_null.pt", pixel_model(class_dropout_prob=0.0),
                               pixel_model(class_dropout_prob=0.0), data_dir)
-    with pytest.raises(ValueError, match="no null class"):
-        analysis_main(["--ckpt", no_null, *base[2:], "--blocks", "1", "--times", "0"])
+    refused(["--ckpt", no_null, *rest], "no null class")
     latent = models.create_model("SiT-S/2", input_size=SIDE, in_channels=4, num_classes=CLASSES, depth=3,
                                  hidden_size=32, num_heads=2)
     latent_path = save_checkpoint(tmp_path / "latent.pt", latent, latent, data_dir)
-    with pytest.raises(ValueError, match=r"takes inputs of shape \[4, 8, 8\], the dataset holds \[3, 8, 8\]"):
-        analysis_main(["--ckpt", latent_path, *base[2:], "--blocks", "1", "--times", "0"])
-    with pytest.raises(SystemExit):  # two checkpoints with one name
-        analysis_main(["--ckpt", checkpoint, *base, "--blocks", "1", "--times", "0"])
+    refused(["--ckpt", latent_path, *rest], r"takes inputs of shape \[4, 8, 8\], the dataset holds \[3, 8, 8\]")
+    refused(["--ckpt", checkpoint, *one_block], "two checkpoints are named 'sit'")
     assert not out.exists()
+    refused([*one_block, "--output-dir", str(tmp_path / "a_file")], "--output-dir .*a_file exists and is not a dir")
+
+
+def test_a_mistake_on_the_command_line_is_one_line_and_exit_status_2(tmp_path, capsys):
+    command = [sys.executable, "-m", "analysis", "--ckpt", "missing.pt", "--data-dir", "X", "--output-dir", "out",
+               "--blocks", "1", "--times", "0"]
+    result = subprocess.run(command, check=False, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr == "error: --ckpt missing.pt: no such checkpoint file\n"
+    assert not (tmp_path / "out").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # flags left out: one line as well, not argparse's usage block
+        run_cli(analysis_main, ["--ckpt", "missing.pt", "--data-dir", "X"])
+    assert exit_info.value.code == EXIT_USER_ERROR
+    assert capsys.readouterr().err == (
+        "error: the following arguments are required: --output-dir, --blocks, --times (see --help)\n")
