@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from configs import cli
 from errors import UserError, run_cli
+from guidance.registry import METHODS
 from preprocessing.dataset import LatentDataset, ResumableSampler, make_loader
 from sampling.pipeline import load_decoder
 from training.checkpoints import check_loadable, load_latest, restore, save_checkpoint
@@ -31,17 +32,11 @@ def open_dataset(config, accelerator):
     a stamp makes later runs skip the hashing). The main process verifies first."""
     if config.run.data_dir is None:
         raise UserError("--data-dir is required (a dataset written by `python -m preprocessing`)")
-    needs_images = config.guidance is not None and _method_class(config).needs_images
+    needs_images = config.guidance is not None and METHODS[config.method].needs_images
     dataset = LatentDataset(config.run.data_dir, with_images=needs_images)
     with accelerator.main_process_first():
         dataset.verify()
     return dataset
-
-
-def _method_class(config):
-    from guidance.registry import METHODS
-
-    return METHODS[config.method]
 
 
 def resume_state(config, run_dir, record, accelerator):

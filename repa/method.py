@@ -11,6 +11,7 @@ import torch.nn as nn
 from configs.fields import option
 from errors import UserError
 from guidance.base import AlignmentConfig, AlignmentInputs, Guidance, GuidanceContext
+from guidance.distances import DISTANCES
 from models import parse_model_name
 from models.registry import SIZES
 
@@ -32,7 +33,7 @@ class REPAConfig(AlignmentConfig):
     align_weight: float = option(PROJ_COEFF, "λ, the weight of the alignment loss (REPA's --proj-coeff 0.5)",
                                  minimum=0.0)
     align_distance: str = option("neg_cosine", "per-token distance (REPA: neg_cosine, −cos of the normalized "
-                                 "vectors)", choices=("smooth_l1", "cosine", "neg_cosine", "l2", "l1"))
+                                 "vectors)", choices=DISTANCES)
     repa_encoder: str = option(
         DEFAULT_ENCODER, "the frozen encoder: dinov2-vit-s/b/l/g, or a timm model (hf-hub:ID, local-dir:PATH)")
     repa_encoder_weights: str | None = option(

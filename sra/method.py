@@ -5,6 +5,7 @@ import dataclasses
 from configs.fields import option
 from errors import UserError
 from guidance.base import AlignmentConfig, AlignmentInputs, Guidance, GuidanceContext
+from guidance.distances import DISTANCES
 from models import family_of
 
 from .defaults import T_MAX, default_block_pair
@@ -24,8 +25,7 @@ class SRAConfig(AlignmentConfig):
     align_weight: float = option(ALIGN_WEIGHT, "λ, the weight of the alignment loss (SRA paper §3: 0.2)",
                                  minimum=0.0)
     align_distance: str = option("smooth_l1", "per-token distance over the feature dimension (SRA paper: "
-                                 "smooth_l1; the release's newer scripts: cosine)", choices=(
-                                     "smooth_l1", "cosine", "neg_cosine", "l2", "l1"))
+                                 "smooth_l1; the release's newer scripts: cosine)", choices=DISTANCES)
     teacher_depth: int | None = option(
         None, "k_T: the target is the output of this many EMA-teacher blocks (default: per model)",
         type=int, minimum=1)

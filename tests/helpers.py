@@ -51,3 +51,38 @@ def tiny_dinov2_dir(path, seed=0, grid=2):
 
     save_for_hf(tiny_dinov2(seed, grid), path, safe_serialization=True)
     return path
+
+
+class RunsCode:
+    """A pickled payload: unpickling it runs `command` in a shell (os.system), or `source` through
+    Python's exec where given. Loading a file that holds one must refuse it, never run it."""
+
+    def __init__(self, command=None, source=None):
+        self.command, self.source = command, source
+
+    def __reduce__(self):
+        import os
+
+        return (exec, (self.source,)) if self.source is not None else (os.system, (self.command,))
+
+
+def release_with_payload(path, state_dict, payload):
+    """A release-shaped training file (model/ema/opt/args/steps) whose `args` is `payload`."""
+    torch.save({"model": state_dict, "ema": state_dict, "opt": {}, "args": payload, "steps": 10}, path)
+    return path
+
+
+def write_class_images(folder, classes=4, per_class=8, size=8, seed=0):
+    """An image folder of `classes` subfolders of `per_class` PNGs, each class a darker-to-lighter colour
+    band, for datasets made with `python -m preprocessing --vae none`."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for label in range(classes):
+        class_folder = folder / f"class_{label}"
+        class_folder.mkdir(parents=True)
+        for index in range(per_class):
+            pixels = rng.integers(0, 64, (size, size, 3)) + 48 * label
+            Image.fromarray(pixels.astype(np.uint8)).save(class_folder / f"{index}.png")
+    return folder

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import train
 from errors import UserError
 from preprocessing.__main__ import main as preprocess
+from tests.helpers import write_class_images
 from training.checkpoints import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,13 +23,7 @@ FAST = ["--preset", "debug", "--num-workers", "0", "--tensorboard", "off"]
 def data_dir(tmp_path_factory):
     """Four classes of 8×8 images with different colours, stored in pixel space."""
     root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for label in range(4):
-        folder = root / "images" / f"class_{label}"
-        folder.mkdir(parents=True)
-        for index in range(8):
-            pixels = rng.integers(0, 64, (8, 8, 3)) + 48 * label
-            Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{index}.png")
+    write_class_images(root / "images")
     preprocess(["--input", str(root / "images"), "--output", str(root / "pixels"), "--vae", "none",
                 "--resolution", "8", "--num-workers", "0"])
     return str(root / "pixels")

@@ -9,25 +9,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import train
+from analysis.__main__ import main as analysis_main
+from analysis.curves import main as curves_main
 from demo.__main__ import main as demo_main
 from errors import EXIT_USER_ERROR, run_cli
 from evaluations.evaluator import main as evaluator_main
 from preprocessing.__main__ import main as preprocess_main
+from tests.helpers import write_class_images
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny pixel dataset, a finished debug run, image files, and a file that is not a folder."""
     root = tmp_path_factory.mktemp("user_errors")
+    write_class_images(root / "images", classes=2, per_class=10)  # 20: the probe holds out 10%, at least 2
     rng = np.random.default_rng(0)
-    for label in range(2):
-        folder = root / "images" / f"class_{label}"
-        folder.mkdir(parents=True)
-        for index in range(4):
-            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"{index}.png")
     preprocess_main(["--input", str(root / "images"), "--output", str(root / "data"), "--vae", "none",
                      "--resolution", "8", "--num-workers", "0"])
     train.main(["--preset", "debug", "--data-dir", str(root / "data"), "--results-dir", str(root / "runs"),
@@ -43,6 +41,14 @@ def world(tmp_path_factory):
 def train_argv(root, *flags):
     return ["--preset", "debug", "--data-dir", str(root / "data"), "--results-dir", str(root / "new-runs"),
             "--tensorboard", "off", *flags]
+
+
+def probe_argv(root, *flags):
+    checkpoint = root / "runs" / "done" / "checkpoints" / "step_0000001.pt"
+    base = {"--ckpt": str(checkpoint), "--data-dir": str(root / "data"), "--output-dir": str(root / "probe"),
+            "--blocks": "1", "--times": "0"}
+    base.update(dict(zip(flags[::2], flags[1::2])))
+    return [item for pair in base.items() for item in pair]
 
 
 # (entry point, argv builder from the fixture root, words the one line must contain)
@@ -137,6 +143,18 @@ CASES = {
                                    "holds 8 images"),
     "evaluator: --batch-size 0": (evaluator_main, lambda r: [str(r / "small.npz"), str(r / "small.npz"),
                                                              "--batch-size", "0"], "--batch-size"),
+    # python -m analysis, python -m analysis.curves
+    "analysis: --ckpt missing": (analysis_main, lambda r: probe_argv(r, "--ckpt", str(r / "nope.pt")), "nope.pt"),
+    "analysis: --blocks 9": (analysis_main, lambda r: probe_argv(r, "--blocks", "9"), "9"),
+    "analysis: --times 1.5": (analysis_main, lambda r: probe_argv(r, "--times", "1.5"), "1.5"),
+    "analysis: --data-dir not a dataset": (analysis_main, lambda r: probe_argv(r, "--data-dir", str(r / "images")),
+                                           "index.json"),
+    "analysis: no --ckpt": (analysis_main, lambda r: ["--output-dir", str(r / "probe"), "--blocks", "1",
+                                                      "--times", "0"], "--ckpt"),
+    "curves: run directory missing": (curves_main, lambda r: [str(r / "nope"), "--output", str(r / "c.png")],
+                                      "nope"),
+    "curves: run without FID": (curves_main, lambda r: [str(r / "runs" / "done"), "--output", str(r / "c.png")],
+                                "FID"),
     # python -m demo
     "demo: --reference-images 15": (demo_main, lambda r: ["--reference-images", "15", "--output-dir",
                                                           str(r / "demo1")], "--reference-images"),
