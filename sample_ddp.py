@@ -11,7 +11,7 @@ to an uninterrupted run's.
 """
 import argparse
 import json
-import tempfile
+import os
 import time
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 import models
+from errors import ArgumentParser, UserError, run_cli
 from sampling import (
     NO_VAE,
     PRESET_NAMES,
@@ -48,7 +49,7 @@ VAE_BATCH_SIZE = 64  # images per VAE decoder call: bounds the decoder's memory 
 # --- configuration -----------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     flag = parser.add_argument
@@ -100,35 +101,46 @@ def resolve_settings(args) -> dict:
 def check_numbers(settings):
     for key in ("num_samples", "per_proc_batch_size", "vae_batch_size"):
         if settings[key] < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {settings[key]}")
+            raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {settings[key]}")
     if settings["num_steps"] is not None and settings["num_steps"] < 1:
-        raise ValueError(f"--num-steps must be >= 1, got {settings['num_steps']}")
+        raise UserError(f"--num-steps must be >= 1, got {settings['num_steps']}")
     if settings["seed"] < 0:
-        raise ValueError(f"--seed must be >= 0, got {settings['seed']}")
+        raise UserError(f"--seed must be >= 0, got {settings['seed']}")
+    # A scale <= 0 drops or inverts the conditional prediction: never meant, so refused.
+    if not settings["cfg_scale"] > 0:
+        raise UserError(f"--cfg-scale must be > 0 (1 means no guidance, above 1 guides), got {settings['cfg_scale']:g}")
     low, high = settings["guidance_interval"]
     if not 0.0 <= low <= high <= 1.0:
-        raise ValueError(f"--guidance-interval needs 0 <= LOW <= HIGH <= 1, got {low} {high}")
-    if settings["ddim_eta"] < 0:
-        raise ValueError(f"--ddim-eta must be >= 0, got {settings['ddim_eta']}")
+        raise UserError(f"--guidance-interval needs 0 <= LOW <= HIGH <= 1, got {low} {high}")
+    if not settings["ddim_eta"] >= 0:
+        raise UserError(f"--ddim-eta must be >= 0, got {settings['ddim_eta']}")
 
 
 def fill_sampler(settings, objective, family):
     """The objective's default sampler and steps where none was chosen; errors for misfits."""
     if settings["family"] is not None and settings["family"] != family:
-        raise ValueError(f"the preset is for {settings['family']} models; the checkpoint holds {family}")
+        raise UserError(f"the preset is for {settings['family']} models; the checkpoint holds {family}")
     settings["sampler"] = settings["sampler"] or objective.default_method
     settings["num_steps"] = settings["num_steps"] or objective.default_num_steps
+    steps = objective.discrete_steps  # DDPM: respacing keeps 2 to T of its T steps
+    if steps is not None and not 2 <= settings["num_steps"] <= steps:
+        raise UserError(f"--num-steps {settings['num_steps']} does not fit a {family} model: it samples with "
+                        f"2 to {steps} of its {steps} steps")
     if settings["sampler"] not in objective.sampler_methods:
-        raise ValueError(f"--sampler {settings['sampler']} does not fit a {family} model; "
-                         f"choose one of {', '.join(objective.sampler_methods)}")
+        raise UserError(f"--sampler {settings['sampler']} does not fit a {family} model; "
+                        f"choose one of {', '.join(objective.sampler_methods)}")
     if settings["ddim_eta"] and settings["sampler"] != "ddim":
-        raise ValueError(f"--ddim-eta applies to the ddim sampler, not {settings['sampler']}")
+        raise UserError(f"--ddim-eta applies to the ddim sampler, not {settings['sampler']}")
 
 
 def image_settings(args, settings, loaded, decoder, image_size, device) -> dict:
     """Everything that decides the images: a rerun must match it to reuse finished batches."""
     record = {
-        "ckpt": str(Path(args.ckpt).resolve()), "ckpt_bytes": Path(args.ckpt).stat().st_size,
+        # The weights are identified by content: weights retrained into the same path (even of the same
+        # size) are other settings, while the same weights moved to another path reuse the finished
+        # samples, since they would be the same images. The path stays as information only
+        # (sampling.shards.INFORMATION_KEYS).
+        "ckpt": str(Path(args.ckpt).resolve()), "ckpt_sha256": models.weights_sha256(loaded.model.state_dict()),
         "weights": loaded.source, "model": loaded.name, "time_convention": loaded.time_convention,
         "vae": decoder.name, "image_size": image_size,
         "mixed_precision": args.mixed_precision if device.type == "cuda" else "no",
@@ -159,13 +171,15 @@ def output_path(args, settings, loaded) -> Path:
 
 
 def check_writable(directory: Path) -> None:
-    """Create the directory and write a probe file there, or say why it cannot be done."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-"):
-            pass
-    except OSError as error:
-        raise ValueError(f"the output directory {directory} is not writable: {error}") from error
+    """Error unless the directory exists or can be created, and may be written to. Creates nothing:
+    a run refused for its checkpoint or flags leaves no trace."""
+    existing = directory.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"the output directory {directory} is not writable: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"the output directory {directory} is not writable: {existing} denies writing")
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -261,4 +275,4 @@ def sample(args, settings, rank, world_size, device):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -7,6 +7,8 @@ from .checkpoint import (
     checkpoint_metadata,
     load_backbone_state,
     load_checkpoint,
+    read_checkpoint_file,
+    weights_sha256,
 )
 from .guidance import RELEASE_DIT_GUIDED_CHANNELS, cfg_forward, guided_model_fn
 from .registry import (
@@ -50,4 +52,6 @@ __all__ = [
     "load_checkpoint",
     "model_family",
     "parse_model_name",
+    "read_checkpoint_file",
+    "weights_sha256",
 ]

@@ -5,6 +5,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from errors import UserError
+
 # The two conventions differ by half a grey level: compare FIDs computed with the same one.
 ROUNDINGS = {
     "nearest": "DiT/SiT sample_ddp.py: clamp(127.5·x + 128, 0, 255) truncated, i.e. 127.5·(x + 1) rounded",
@@ -19,7 +21,7 @@ def to_uint8(images: torch.Tensor, rounding: str) -> np.ndarray:
     elif rounding == "floor":
         scaled = 255.0 * (images + 1.0) / 2.0
     else:
-        raise ValueError(f"unknown rounding {rounding!r}; expected one of {sorted(ROUNDINGS)}")
+        raise UserError(f"unknown rounding {rounding!r}; expected one of {sorted(ROUNDINGS)}")
     # Casting a float in [0, 255] to uint8 truncates it, as both releases do.
     pixels = scaled.clamp(0, 255).to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).cpu().numpy()

@@ -2,7 +2,6 @@
 sampler, the decoder, and one batch of global indices at a time."""
 import contextlib
 import dataclasses
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import torch
 
 import models
+from errors import UserError
 from objectives.registry import create_objective, from_description
 from sampling.images import to_uint8
 from sampling.seeds import ClassLabels, initial_noise, sampler_generators
@@ -24,20 +24,22 @@ DEFAULT_FLOW = {"path": "linear", "prediction": "velocity"}  # every public SiT/
 def training_info(path) -> dict:
     """What this project's checkpoints say about their training, read without loading the weights
     (memory-mapped): {"objective": {"kind", **options} or None, "vae", "data_dir"}; all None for
-    public releases. Reads both checkpoint formats (version 1 kept a flat config)."""
+    public releases. Reads both checkpoint formats (version 1 kept a flat config). The file is read
+    by the loader's weights-only unpickler: a file it refuses is a UserError here too, never skipped."""
     info = {"objective": None, "vae": None, "data_dir": None}
-    try:
-        raw = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError):
-        return info  # a release's pickled argparse.Namespace, or an old non-zip file: not ours
+    raw = models.read_checkpoint_file(path, mmap=True)
     if not isinstance(raw, dict) or raw.get("format") not in models.CHECKPOINT_FORMATS:
         return info
     if raw["format"] == models.CHECKPOINT_FORMAT_V1:
         config = raw.get("config", {})
-        if models.model_family(config.get("model", "SiT-B/2")) == "SiT":
+        if not isinstance(config, dict):
+            raise UserError(f"{path} says it is {raw['format']}, but its training config ('config') is malformed")
+        if models.family_of(config.get("model", "SiT-B/2")).objective == "flow":
             info["objective"] = {"kind": "flow", **{key: config.get(key, value) for key, value in DEFAULT_FLOW.items()}}
         return {**info, "vae": config.get("vae"), "data_dir": config.get("data_dir")}
-    meta = raw.get("meta", {})
+    meta = raw.get("meta")
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} says it is {raw['format']}, but has no metadata block ('meta')")
     return {key: meta.get(key) for key in info}
 
 
@@ -114,15 +116,15 @@ def check_compatible(backbone, decoder: Decoder, image_size: int | None, cfg_sca
     if backbone.in_channels != decoder.channels:
         what = "pixel-space sampling (--vae none) needs 3" if decoder.name == NO_VAE else (
             f"the VAE {decoder.name} decodes {decoder.channels}")
-        raise ValueError(f"the model takes {backbone.in_channels}-channel inputs, but {what} channels")
+        raise UserError(f"the model takes {backbone.in_channels}-channel inputs, but {what} channels")
     produced = backbone.input_size * decoder.downsample
     if image_size is not None and image_size != produced:
-        raise ValueError(
+        raise UserError(
             f"--image-size {image_size} does not fit: the model's {backbone.input_size}×"
             f"{backbone.input_size} inputs decode to {produced}×{produced} images with {decoder.name}"
         )
     if cfg_scale != 1.0 and backbone.y_embedder.embedding_table.num_embeddings <= backbone.num_classes:
-        raise ValueError("classifier-free guidance needs a null class; this model was trained without one")
+        raise UserError("classifier-free guidance needs a null class; this model was trained without one")
     return produced
 
 

@@ -3,6 +3,7 @@
 A preset is a partial set of settings; `resolve` fills the rest from DEFAULTS and lets every flag
 that was given override it. `None` means "the objective's own default" (sampler and steps).
 """
+from errors import UserError
 
 FID_NUM_SAMPLES = 50_000  # FID-50K, the protocol of the ADM, DiT, SiT and SRA tables (SPEC §5)
 
@@ -48,7 +49,7 @@ PRESET_NAMES = tuple(PRESETS)
 def resolve(preset: str | None, overrides: dict) -> dict:
     """DEFAULTS <- PRESETS[preset] <- the overrides that are not None. Adds `family` (None: any)."""
     if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
     settings = {**DEFAULTS, "family": None, **(PRESETS[preset] if preset else {})}
     settings.update({key: value for key, value in overrides.items() if value is not None})
     return settings

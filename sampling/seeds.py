@@ -9,6 +9,8 @@ Each index seeds its own CPU torch.Generator; drawing 256 latents of 4×32×32 t
 import numpy as np
 import torch
 
+from errors import UserError
+
 NOISE_STREAM = 0  # the initial noise z of sample i
 LABEL_STREAM = 1  # the uniform class label of sample i
 BALANCED_STREAM = 2  # the one permutation behind --balanced-classes
@@ -19,7 +21,7 @@ def derived_seed(seed: int, stream: int, *keys: int) -> int:
     """A 64-bit seed from (seed, stream, *keys) through numpy's SeedSequence hash: nearby seeds and
     indices give unrelated streams, and the value is stable across numpy versions."""
     if seed < 0:
-        raise ValueError(f"the seed must be >= 0, got {seed}")
+        raise UserError(f"the seed must be >= 0, got {seed}")
     low, high = np.random.SeedSequence([seed, stream, *keys]).generate_state(2, np.uint32)
     return int(low) | int(high) << 32
 

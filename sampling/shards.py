@@ -14,7 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from errors import UserError
+
 SETTINGS_FILE = "settings.json"  # everything that decides the images; a rerun must match it
+# Recorded for the reader, never compared: the checkpoint's path. Its weights are compared by content
+# (ckpt_sha256), so the same weights moved elsewhere still match and other weights under the old path do not.
+INFORMATION_KEYS = ("ckpt",)
 SHARD_NAME = re.compile(r"(\d+)-(\d+)\.npz")  # images of the indices [start, end)
 TEMP_SUFFIX = ".tmp"
 ZIP_TIMESTAMP = (1980, 1, 1, 0, 0, 0)  # fixed member times: the same samples give the same file bytes
@@ -38,16 +43,25 @@ def npy_header(shape, dtype) -> dict:
 
 
 def check_settings(path, settings: dict) -> None:
-    """Error naming the differences if the settings file at `path` exists and differs from `settings`."""
+    """Error naming the differences if the settings file at `path` exists and differs from `settings`
+    (INFORMATION_KEYS aside)."""
     path = Path(path)
     if not path.is_file():
         return
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not a readable settings record ({error}); delete it with the samples "
+                        "beside it to start afresh") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} is not a settings record (a JSON object); delete it with the samples beside "
+                        "it to start afresh")
     settings = json.loads(json.dumps(settings))  # as stored: tuples become lists
-    changed = sorted(key for key in set(saved) | set(settings) if saved.get(key) != settings.get(key))
+    changed = sorted(key for key in set(saved) | set(settings)
+                     if key not in INFORMATION_KEYS and saved.get(key) != settings.get(key))
     if changed:
         details = ", ".join(f"{key}: {saved.get(key)!r} -> {settings.get(key)!r}" for key in changed)
-        raise ValueError(
+        raise UserError(
             f"{path} records samples made with other settings ({details}); rerun with the original "
             "flags, or pass another --output (or delete the old files) to start afresh"
         )
@@ -145,7 +159,7 @@ class ShardStore:
 def plan_batches(finished: np.ndarray, batch_size: int) -> list[tuple[int, int]]:
     """The missing indices as contiguous [start, end) ranges of at most batch_size, in index order."""
     if batch_size < 1:
-        raise ValueError(f"the batch size must be >= 1, got {batch_size}")
+        raise UserError(f"the batch size must be >= 1, got {batch_size}")
     missing = np.flatnonzero(~finished)
     batches = []
     # Split where consecutive missing indices are not adjacent: each run is contiguous.

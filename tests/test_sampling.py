@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import project_meta, randomize_, tiny_model
+from helpers import RunsCode, project_meta, randomize_, release_with_payload, tiny_model
 from PIL import Image
 
 import models
 import sample_ddp
 import sampling
+from errors import UserError
 from objectives.registry import create_objective
 from transport import ReversedTime
 
@@ -41,9 +42,9 @@ def tiny_vae_dir(root: Path) -> Path:
     return path
 
 
-def project_checkpoint(path: Path, name="SiT-S/2") -> Path:
+def project_checkpoint(path: Path, name="SiT-S/2", seed=0) -> Path:
     """A checkpoint as train.py writes it: metadata, config, online and EMA weights (different)."""
-    ema, online = tiny_model(name, seed=0), tiny_model(name, seed=1)
+    ema, online = tiny_model(name, seed=seed), tiny_model(name, seed=seed + 1)
     torch.save({
         "format": models.CHECKPOINT_FORMAT,
         "meta": project_meta(ema, name),
@@ -225,9 +226,21 @@ def test_two_gloo_processes_equal_one_process_byte_for_byte(files, tmp_path):
     assert digest(two) == digest(one["npz"])
 
 
-def test_dit_checkpoint_ddpm_and_ddim_with_release_channels(files, tmp_path):
-    guided = ["--num-samples", "4", "--cfg-scale", "1.5", "--cfg-channels", "3", *FAST]
+def test_dit_checkpoint_ddpm_and_ddim_with_release_channels(files, tmp_path, monkeypatch):
+    # The guidance settings reach the sampler; the images cannot show it: at these tiny weights guiding
+    # 3 channels or all 4 differs in a few pixels by one grey level.
+    guidance = []
+    guided_model_fn = models.guided_model_fn
+
+    def recording_guided_model_fn(model, y, **options):
+        guidance.append(options)
+        return guided_model_fn(model, y, **options)
+
+    monkeypatch.setattr(models, "guided_model_fn", recording_guided_model_fn)
+    guided = ["--num-samples", "4", "--cfg-scale", "1.5", "--guidance-interval", "0", "0.6", "--cfg-channels", "3",
+              *FAST]
     by_four = run(files, tmp_path / "a", *guided, "--per-proc-batch-size", "4", ckpt="dit")
+    assert guidance == [{"scale": 1.5, "interval": (0.0, 0.6), "guide_channels": models.RELEASE_DIT_GUIDED_CHANNELS}]
     by_three = run(files, tmp_path / "b", *guided, "--per-proc-batch-size", "3", ckpt="dit")
     assert by_four["settings"]["sampler"] == "ddpm"
     assert by_four["settings"]["time_convention"] == models.DISCRETE_STEPS
@@ -311,27 +324,137 @@ def test_training_info_of_both_checkpoint_formats(files, tmp_path):
 
 # --- bad input: a clear error before any sample ------------------------------------------------
 
-@pytest.mark.parametrize("flags, error, match", [
-    (["--ckpt", "missing.pt"], FileNotFoundError, "checkpoint not found: missing.pt"),
-    (["--vae", "none"], ValueError, "takes 4-channel inputs, but pixel-space sampling"),
-    (["--image-size", "256"], ValueError, "--image-size 256 does not fit.*8×8 inputs decode to 16×16"),
-    (["--sampler", "ddpm"], ValueError, "--sampler ddpm does not fit a SiT model"),
-    (["--preset", "dit-xl2-256-cfg"], ValueError, "the preset is for DiT models"),
-    (["--guidance-interval", "0.8", "0.2"], ValueError, "--guidance-interval needs 0 <= LOW <= HIGH <= 1"),
-    (["--num-samples", "0"], ValueError, "--num-samples must be >= 1"),
-    (["--ddim-eta", "1"], ValueError, "--ddim-eta applies to the ddim sampler"),
+@pytest.mark.parametrize("flags, match", [
+    (["--ckpt", "missing.pt"], "checkpoint not found: missing.pt"),
+    (["--vae", "none"], "takes 4-channel inputs, but pixel-space sampling"),
+    (["--image-size", "256"], "--image-size 256 does not fit.*8×8 inputs decode to 16×16"),
+    (["--sampler", "ddpm"], "--sampler ddpm does not fit a SiT model"),
+    (["--preset", "dit-xl2-256-cfg"], "the preset is for DiT models"),
+    (["--guidance-interval", "0.8", "0.2"], "--guidance-interval needs 0 <= LOW <= HIGH <= 1"),
+    (["--num-samples", "0"], "--num-samples must be >= 1"),
+    (["--per-proc-batch-size", "0"], "--per-proc-batch-size must be >= 1"),
+    (["--ddim-eta", "1"], "--ddim-eta applies to the ddim sampler"),
+    (["--cfg-scale", "-3"], r"--cfg-scale must be > 0 \(1 means no guidance.*got -3"),
+    (["--cfg-scale", "0"], "--cfg-scale must be > 0"),
+    (["--model", "DiT-S/2"], r"the checkpoint holds SiT-S/2 \(its metadata\); --model DiT-S/2 contradicts it"),
+    (["--time-convention", "data_at_1"], r"time convention data_at_0 \(its metadata\); --time-convention data_at_1"),
 ])
-def test_bad_input_fails_before_sampling(files, tmp_path, flags, error, match):
-    with pytest.raises(error, match=match):
-        run(files, tmp_path / "out", *FAST, *flags)
-    assert not list((tmp_path / "out").glob("*.work"))
+def test_bad_input_fails_before_sampling(files, tmp_path, flags, match):
+    with pytest.raises(UserError, match=match):
+        run(files, tmp_path / "out", *FAST, "--num-samples", "2", *flags)  # a missed check fails fast
+    assert not (tmp_path / "out").exists()  # nothing written, not even the output folder
+
+
+def test_ddpm_step_count_out_of_range_fails_before_sampling(files, tmp_path):
+    for steps in ("1", "1001"):
+        with pytest.raises(UserError, match=f"--num-steps {steps} does not fit a DiT model: it samples with 2 to 1000"):
+            run(files, tmp_path / "out", "--num-samples", "2", "--num-steps", steps, ckpt="dit")
+    assert not (tmp_path / "out").exists()
 
 
 def test_unwritable_output_directory_fails_before_sampling(files, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    with pytest.raises(ValueError, match="output directory .*a-file/samples is not writable"):
+    with pytest.raises(UserError, match="output directory .*a-file/samples is not writable"):
         run(files, blocker / "samples", "--num-samples", "2", *FAST)
+
+
+def test_malformed_checkpoints_are_one_line_errors_naming_the_file(files, tmp_path):
+    whole = files["sit"].read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(whole[: len(whole) // 3])
+    (tmp_path / "garbage.pt").write_bytes(bytes(range(256)) * 8)
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    torch.save({"format": models.CHECKPOINT_FORMAT, "ema": tiny_model().state_dict()}, tmp_path / "no-meta.pt")
+    wider = tiny_model(hidden_size=64)
+    torch.save({"format": models.CHECKPOINT_FORMAT, "meta": project_meta(tiny_model(), "SiT-S/2"),
+                "ema": wider.state_dict()}, tmp_path / "misfit.pt")  # weights of another width
+    for name, match in [("truncated.pt", "not a readable checkpoint"), ("garbage.pt", "not a readable checkpoint"),
+                        ("list.pt", "holds a list"), ("no-meta.pt", "metadata .* is malformed"),
+                        ("misfit.pt", r"shape mismatch keys: .*checkpoint \(64,")]:
+        with pytest.raises(UserError, match=match) as caught:
+            run(files, tmp_path / "out", "--num-samples", "2", *FAST, ckpt=tmp_path / name)
+        assert name in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_code_payload_in_a_release_is_refused_and_never_runs(files, tmp_path):
+    marker = tmp_path / "payload-ran"
+    path = release_with_payload(tmp_path / "release.pt", small_public_model().state_dict(),
+                                RunsCode(command=f"touch '{marker}'"))
+    with pytest.raises(UserError, match=r"release\.pt was not loaded: it pickles posix\.system.*would run code"):
+        run(files, tmp_path / "out", "--model", "SiT-T/2", "--num-samples", "2", *FAST, ckpt=path)
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--ckpt", "missing.pt"], "checkpoint not found: missing.pt"),
+    (["--ckpt", "missing.pt", "--num-samples", "many"], "--num-samples: invalid int value: 'many'"),  # argparse's
+])
+def test_cli_reports_a_user_error_as_one_line_and_exit_status_2(tmp_path, argv, named):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    completed = subprocess.run([sys.executable, str(REPO / "sample_ddp.py"), *argv], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    lines = completed.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], completed.stderr
+    assert not list(tmp_path.iterdir())  # no output folder made for a run that cannot start
+
+
+# --- the checkpoint is identified by its weights -------------------------------------------------
+
+def retrain(path: Path, seed: int) -> Path:
+    """Overwrite `path` with a checkpoint of other weights and the same byte size."""
+    size = path.stat().st_size
+    project_checkpoint(path, seed=seed)
+    assert path.stat().st_size == size  # what a path-and-size identity cannot tell apart
+    return path
+
+
+def test_retrained_weights_in_the_same_file_are_other_settings(files, tmp_path):
+    ckpt = project_checkpoint(tmp_path / "ckpt.pt")
+    flags = ["--num-samples", "4", "--per-proc-batch-size", "2", *FAST]
+    first = run(files, tmp_path / "out", *flags, ckpt=ckpt)
+    old_digest = first["settings"]["ckpt_sha256"]
+    assert old_digest == models.weights_sha256(tiny_model(seed=0).state_dict())  # the EMA weights sampled
+    retrain(ckpt, seed=5)
+    new_digest = models.weights_sha256(tiny_model(seed=5).state_dict())
+    with pytest.raises(UserError, match=f"other settings \\(ckpt_sha256: '{old_digest}' -> '{new_digest}'\\)"):
+        run(files, tmp_path / "out", *flags, ckpt=ckpt)
+
+
+def test_retrained_weights_never_reuse_the_shards_of_an_interrupted_run(files, tmp_path, monkeypatch):
+    ckpt = project_checkpoint(tmp_path / "ckpt.pt")
+    flags = ["--num-samples", "6", "--per-proc-batch-size", "2", *FAST]
+    write = sampling.ShardStore.write
+
+    def write_once_then_die(store, start, images, labels):
+        if list(store.work_dir.glob("*-*.npz")):
+            raise KeyboardInterrupt("stopped")
+        write(store, start, images, labels)
+
+    monkeypatch.setattr(sampling.ShardStore, "write", write_once_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(files, tmp_path / "out", *flags, ckpt=ckpt)
+    monkeypatch.setattr(sampling.ShardStore, "write", write)
+    (work,) = (tmp_path / "out").glob("*.work")
+    shards = sorted(path.name for path in work.glob("*-*.npz"))
+    retrain(ckpt, seed=5)
+    with pytest.raises(UserError, match=r"settings\.json records samples made with other settings \(ckpt_sha256: "):
+        run(files, tmp_path / "out", *flags, ckpt=ckpt)
+    assert sorted(path.name for path in work.glob("*-*.npz")) == shards == ["0000000-0000002.npz"]
+
+
+def test_the_same_weights_moved_to_another_path_reuse_the_finished_samples(files, tmp_path):
+    """A decision: the images depend on the weights, not on where their file lies, so a moved (or
+    copied) identical checkpoint finds its samples complete."""
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    flags = ["--num-samples", "3", *FAST]
+    first = run(files, tmp_path / "out", *flags, ckpt=project_checkpoint(tmp_path / "old" / "ckpt.pt"))
+    moved = (tmp_path / "old" / "ckpt.pt").rename(tmp_path / "new" / "ckpt.pt")
+    again = run(files, tmp_path / "out", *flags, ckpt=moved)
+    assert again["made"] == 0 and again["npz"] == first["npz"]
+    assert again["settings"]["ckpt"] == str(moved.resolve()) != first["settings"]["ckpt"]
 
 
 def test_latent_channel_mismatch_with_the_vae(files, tmp_path):
