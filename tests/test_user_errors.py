@@ -17,6 +17,7 @@ from demo.__main__ import main as demo_main
 from errors import EXIT_USER_ERROR, run_cli
 from evaluations.evaluator import main as evaluator_main
 from preprocessing.__main__ import main as preprocess_main
+from sample_ddp import main as sample_main
 from tests.helpers import write_class_images
 
 
@@ -49,6 +50,11 @@ def probe_argv(root, *flags):
             "--blocks": "1", "--times": "0"}
     base.update(dict(zip(flags[::2], flags[1::2])))
     return [item for pair in base.items() for item in pair]
+
+
+def sample_argv(root, *flags):
+    checkpoint = root / "runs" / "done" / "checkpoints" / "step_0000001.pt"
+    return ["--ckpt", str(checkpoint), "--vae", "none", "--output-dir", str(root / "samples"), *flags]
 
 
 # (entry point, argv builder from the fixture root, words the one line must contain)
@@ -143,6 +149,25 @@ CASES = {
                                    "holds 8 images"),
     "evaluator: --batch-size 0": (evaluator_main, lambda r: [str(r / "small.npz"), str(r / "small.npz"),
                                                              "--batch-size", "0"], "--batch-size"),
+    # sample_ddp.py
+    "sample: --ckpt missing": (sample_main, lambda r: sample_argv(r, "--ckpt", str(r / "nope.pt")), "nope.pt"),
+    "sample: --ckpt not a checkpoint": (sample_main, lambda r: sample_argv(r, "--ckpt", str(r / "garbage.npz")),
+                                        "garbage.npz"),
+    "sample: --num-samples 0": (sample_main, lambda r: sample_argv(r, "--num-samples", "0"), "--num-samples"),
+    "sample: --cfg-scale -3": (sample_main, lambda r: sample_argv(r, "--cfg-scale", "-3"), "--cfg-scale"),
+    "sample: --model contradicts the file": (sample_main, lambda r: sample_argv(r, "--model", "DiT-T/2"),
+                                             "contradicts"),
+    "sample: DDPM sampler for SiT": (sample_main, lambda r: sample_argv(r, "--sampler", "ddpm"), "--sampler ddpm"),
+    "sample: --guidance-interval 0.8 0.2": (sample_main, lambda r: sample_argv(r, "--guidance-interval", "0.8",
+                                                                               "0.2"), "--guidance-interval"),
+    "sample: --num-steps 0": (sample_main, lambda r: sample_argv(r, "--num-steps", "0"), "--num-steps"),
+    "sample: --seed -1": (sample_main, lambda r: sample_argv(r, "--seed", "-1"), "--seed"),
+    "sample: preset of the other family": (sample_main, lambda r: sample_argv(r, "--preset", "dit-xl2-256"),
+                                           "DiT"),
+    "sample: --vae that does not exist": (sample_main, lambda r: sample_argv(r, "--vae", str(r / "no-vae")),
+                                          "no-vae"),
+    "sample: output under a file": (sample_main, lambda r: sample_argv(r, "--output-dir", str(r / "a-file" / "x")),
+                                    "a-file"),
     # python -m analysis, python -m analysis.curves
     "analysis: --ckpt missing": (analysis_main, lambda r: probe_argv(r, "--ckpt", str(r / "nope.pt")), "nope.pt"),
     "analysis: --blocks 9": (analysis_main, lambda r: probe_argv(r, "--blocks", "9"), "9"),
