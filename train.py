@@ -63,7 +63,8 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = config.optim.tf32
         torch.backends.cudnn.allow_tf32 = config.optim.tf32
 
-    # Every check before anything is written: data, then the resumed run, then the parts themselves.
+    # Every check before anything is written: the data, the parts (a frozen encoder loads here), the
+    # run directory's checkpoints and their config, the decoder and the FID reference.
     dataset = open_dataset(config, accelerator)
     facts = data_facts(config, dataset, accelerator.num_processes)
     run_dir = Path(config.run.results_dir) / config.run_name
@@ -87,17 +88,16 @@ def main(argv=None):
               f"{facts.num_samples} samples, {accelerator.num_processes} process(es))")
     if args.dry_run:
         return {"config": config, "record": record}
-    if start_step >= config.optim.max_steps:
-        accelerator.print(f"{run_dir} is at step {start_step}, which is not before --max-steps "
-                          f"{config.optim.max_steps}: nothing to train (raise --max-steps to continue)")
-        return {"config": config, "record": record, "student": parts.student, "ema": parts.ema}
-
     counters = None
     if state is not None:
         restore(state, parts, accelerator)
         counters = state["counters"]
         accelerator.print(f"resumed from {state_path} at step {start_step}")
     del state
+    if start_step >= config.optim.max_steps:
+        accelerator.print(f"{run_dir} is at step {start_step}, which is not before --max-steps "
+                          f"{config.optim.max_steps}: nothing to train (raise --max-steps to continue)")
+        return {"config": config, "record": record, "student": parts.student, "ema": parts.ema}
     compile_run(parts, config)
     guard = NonFiniteGuard(config.optim.max_nonfinite_steps, output.log_every, device, start_step, counters)
     train_seconds = (counters or {}).get("train_seconds", 0.0)

@@ -3,6 +3,7 @@ level, from the same x0 and ε and the student's dropped labels; only the first 
 import dataclasses
 
 from configs.fields import option
+from diffusion.ddpm import NUM_TIMESTEPS, DDPMObjective
 from errors import UserError
 from guidance.base import AlignmentConfig, AlignmentInputs, Guidance, GuidanceContext
 from guidance.distances import DISTANCES
@@ -48,9 +49,7 @@ class SRAConfig(AlignmentConfig):
             raise UserError(
                 f"--teacher-depth {teacher_depth} is shallower than --student-depth {resolved.student_depth}: "
                 "SRA aligns early student blocks to a deeper teacher block (SPEC §3)")
-        if family_of(model_name).objective == "ddpm":
-            from diffusion.ddpm import NUM_TIMESTEPS
-
+        if family_of(model_name).objective == DDPMObjective.name:
             check_interval(self.t_max, self.interval, NUM_TIMESTEPS)
         return dataclasses.replace(resolved, teacher_depth=teacher_depth)
 
