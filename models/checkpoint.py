@@ -123,8 +123,8 @@ def read_checkpoint_file(path, map_location="cpu", mmap=False):
 
 
 def _failure_detail(error) -> str:
-    """One short line of why torch.load failed; torch's unpickler text is long and advises
-    weights_only=False, which this project never does, so only its specific part is kept."""
+    """One short line of why torch.load failed; torch's unpickler text is long and advises turning the
+    weights-only loader off, which this project never does, so only its specific part is kept."""
     text = str(error)
     if isinstance(error, pickle.UnpicklingError):
         detail = UNPICKLER_DETAIL in text
