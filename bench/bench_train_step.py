@@ -7,6 +7,11 @@ Variants, all with the same model, batch, precision and optimizer, through train
   sra-full-fp32   as sra-full, and in fp32 (the release's teacher exactly)
   repa            --guidance repa: DINOv2 ViT-B/14 (REPA's default; random weights, same cost) on the clean
                   images, REPA's projector, −cos
+  sra-dts-as      the release's SiT-SRA_DTS_AS setting (preset sit-b2-sra-dts-as): token groups of 1/4 and 3/4,
+                  dual-time scheduling, attention separation, the teacher at each group's t − Δ behind the
+                  same groups; the conditioning computed once per group and handed to its tokens
+  sra-dts-as-dense  as sra-dts-as with the adaLN conditioning computed for every token, as the release's
+                  model does (the same numbers at T/G times the adaLN cost)
 
 Step times come from one process in which all variants are built and timed in alternating rounds
 (--rounds), so that a load that comes and goes on a shared machine touches every variant alike. Peak
@@ -15,6 +20,8 @@ the process's peak resident set size (which includes the ~0.3 GB of Python and t
 
     python bench/bench_train_step.py --model SiT-B/2 --input-size 8 --batch-size 4 --rounds 5 --memory   # CPU
     python bench/bench_train_step.py --model SiT-XL/2 --batch-size 32 --precision bf16 --memory
+    python bench/bench_train_step.py --model SiT-B/2 --input-size 16 --batch-size 8 --variants sra sra-dts-as \
+        sra-dts-as-dense --memory   # SRA against the release's newest setting, same model and batch
 """
 
 import argparse
@@ -31,6 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
+from configs.presets import PRESETS  # noqa: E402
+from dts import TokenGrouping, TokenGroupsConfig  # noqa: E402
 from guidance import GuidanceContext, Student, TrainingLoss  # noqa: E402
 from objectives.registry import objective_for_model  # noqa: E402
 from repa import REPA, REPAConfig  # noqa: E402
@@ -39,7 +48,7 @@ from sra import SRA, SRAConfig  # noqa: E402
 from training.ema import EMA  # noqa: E402
 from training.step import train_step  # noqa: E402
 
-VARIANTS = ("none", "sra", "sra-full", "sra-full-fp32", "repa")
+VARIANTS = ("none", "sra", "sra-full", "sra-full-fp32", "repa", "sra-dts-as", "sra-dts-as-dense")
 PIXEL_META = {"kind": "pixels"}  # the bench feeds ready model inputs: no latent sampling
 LATENT_DOWNSAMPLE = 8  # SD-VAE: the clean images REPA's encoder sees are 8× the latent side
 
@@ -74,6 +83,29 @@ class BenchAccelerator:
         loss.backward()
 
 
+def per_token_conditioning(model):
+    """The release's cost: the per-group conditioning spread to every token before the adaLN layers."""
+    plain_embed = model._embed
+
+    def embed(x, t, y, groups):
+        tokens, c, per_group, mask = plain_embed(x, t, y, groups)
+        if per_group is not None:
+            c = per_group.per_token(c)
+        return tokens, c, None, mask
+
+    model._embed = embed
+    return model
+
+
+def release_dts_settings():
+    """The group flags and SRA flags of the preset sit-b2-sra-dts-as."""
+    preset = PRESETS["sit-b2-sra-dts-as"]
+    groups = TokenGroupsConfig(**{f: preset[f] for f in ("mask_ratio", "dual_time_scheduling",
+                                                         "attention_separation")})
+    sra = SRAConfig(**{f: preset[f] for f in ("teacher_t", "teacher_mask", "align_distance", "align_weight")})
+    return groups, sra
+
+
 def random_encoder(grid):
     """REPA's default encoder architecture with random weights: the cost of the real one, no download."""
     import timm
@@ -88,8 +120,15 @@ def build(variant, args):
     ema = EMA(backbone.to(args.device))
     objective = objective_for_model(args.model)
     context = GuidanceContext(objective, ema.model, backbone, torch.device(args.device))
-    guidance = None
-    if variant.startswith("sra"):
+    guidance = grouping = None
+    if variant.startswith("sra-dts-as"):
+        groups, sra_config = release_dts_settings()
+        guidance = SRA(sra_config.resolved_for(args.model, backbone.depth), context)
+        grouping = TokenGrouping(groups, objective, backbone.num_patches, backbone.patch_size)
+        if variant.endswith("dense"):
+            per_token_conditioning(backbone)
+            per_token_conditioning(ema.model)
+    elif variant.startswith("sra"):
         guidance = SRA(SRAConfig().resolved_for(args.model, backbone.depth), context)
         if variant != "sra":
             guidance.teacher = FullDepthTeacher(ema.model, variant.endswith("fp32"))
@@ -98,7 +137,7 @@ def build(variant, args):
         guidance = REPA(REPAConfig().resolved_for(args.model, backbone.depth), context, random_encoder(grid))
     head = guidance.build_head(backbone.hidden_size) if guidance is not None else None
     student = Student(backbone, head, guidance.student_depth if guidance else None).to(args.device).train()
-    loss_fn = TrainingLoss(objective, 0.1, 1000, guidance)
+    loss_fn = TrainingLoss(objective, 0.1, 1000, guidance, grouping)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
     trained = student
     if args.compile:
@@ -217,13 +256,13 @@ def main(argv=None):
                f"{'compiled' if args.compile else 'eager'} on {args.device}")
     unit = "GiB" if torch.device(args.device).type == "cuda" else "GiB RSS"
     print(f"# {setting}, torch {torch.__version__}, {args.rounds} rounds of {args.steps // args.rounds} steps")
-    print(f"{'variant':<15}{'step ms':>10}{'vs none':>9}{'peak ' + unit:>14}{'vs none':>9}")
+    print(f"{'variant':<18}{'step ms':>10}{'vs none':>9}{'peak ' + unit:>14}{'vs none':>9}")
     for r in results:
         time_ratio = r["median_step_s"] / baseline["median_step_s"] if baseline else float("nan")
         mem = peaks.get(r["variant"])
         mem_ratio = mem / peaks["none"] if mem and peaks.get("none") else float("nan")
         mem_text = f"{mem:14.2f}" if mem else f"{'-':>14}"
-        print(f"{r['variant']:<15}{1000 * r['median_step_s']:10.1f}{time_ratio:9.3f}{mem_text}{mem_ratio:9.3f}")
+        print(f"{r['variant']:<18}{1000 * r['median_step_s']:10.1f}{time_ratio:9.3f}{mem_text}{mem_ratio:9.3f}")
         r.update(setting=setting, time_ratio=time_ratio, peak_mem_gib=mem, mem_ratio=mem_ratio,
                  torch=torch.__version__)
     if args.out:

@@ -77,8 +77,9 @@ def build_parser(description=None) -> argparse.ArgumentParser:
                         help=f"representation guidance: sra, repa, or none, the baseline (default: {DEFAULT_METHOD})")
     parser.add_argument("--sra", type=_parse_bool, metavar="{on,off}", default=argparse.SUPPRESS,
                         help="older spelling: on is --guidance sra, off is --guidance none")
-    titles = {"run": "run and data", "model": "model", "objective": "objective", "optim": "optimization",
-              "output": "logging, checkpoints, samples, FID"}
+    titles = {"run": "run and data", "model": "model", "objective": "objective",
+              "groups": "token groups: dual-time scheduling and attention separation (dts/)",
+              "optim": "optimization", "output": "logging, checkpoints, samples, FID"}
     for name, cls in SECTIONS.items():
         group = parser.add_argument_group(titles[name])
         for field in dataclasses.fields(cls):
@@ -138,6 +139,16 @@ def _ignored(given: dict, method: str, model_name: str) -> list[str]:
     return problems
 
 
+def _check_groups(groups, given: dict, model_name: str) -> None:
+    """Token groups train flow models only; the teacher's group settings need groups."""
+    if groups.enabled and family_of(model_name).objective != "flow":
+        raise UserError(f"token groups (--mask-ratio) train flow-matching models (SiT), not {model_name}")
+    unused = [flag_name(name) for name in ("teacher_t", "teacher_mask") if name in given]
+    if unused and not groups.enabled:
+        raise UserError(f"{' and '.join(unused)} set the teacher for token groups: give --mask-ratio with "
+                        "--dual-time-scheduling on or --attention-separation on")
+
+
 def _pick(cls, values: dict):
     return cls(**{field.name: values[field.name] for field in dataclasses.fields(cls) if field.name in values})
 
@@ -164,4 +175,5 @@ def resolve(preset: str | None = None, given: dict | None = None) -> TrainConfig
     if method != NONE:
         guidance = _pick(config_class(method), values).resolved_for(model.model, model.depth)
     sections = {name: _pick(cls, values) for name, cls in SECTIONS.items() if name != "model"}
+    _check_groups(sections["groups"], given, model.model)
     return TrainConfig(preset=preset, model=model, guidance=guidance, **sections)

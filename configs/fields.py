@@ -36,6 +36,8 @@ def value_type(field):
 def format_value(value):
     if isinstance(value, bool):
         return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
     return "none" if value is None else str(value)
 
 
@@ -45,7 +47,7 @@ def check_range(config):
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         meta = field.metadata
-        if value is None or isinstance(value, bool):
+        if value is None or isinstance(value, (bool, tuple)):
             continue
         if meta.get("choices") is not None and value not in meta["choices"]:
             return f"{flag_name(field.name)} {value}: choose one of {', '.join(map(str, meta['choices']))}"

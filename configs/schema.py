@@ -6,6 +6,7 @@ repa/), or None for the baseline.
 """
 import dataclasses
 
+from dts.config import TokenGroupsConfig
 from errors import UserError
 from models import MODEL_NAMES, SIZES, family_of, parse_model_name
 from transport.objective import TIME_SAMPLINGS
@@ -110,6 +111,7 @@ SECTIONS = {
     "run": RunConfig,
     "model": ModelConfig,
     "objective": ObjectiveConfig,
+    "groups": TokenGroupsConfig,
     "optim": OptimConfig,
     "output": OutputConfig,
 }
@@ -123,6 +125,7 @@ class TrainConfig:
     run: RunConfig
     model: ModelConfig
     objective: ObjectiveConfig
+    groups: TokenGroupsConfig  # dual-time scheduling and attention separation (dts/)
     guidance: object  # the method's AlignmentConfig subclass, or None (the baseline)
     optim: OptimConfig
     output: OutputConfig
@@ -150,6 +153,8 @@ class TrainConfig:
         out = {"preset": self.preset}
         for name in ("run", "model", "optim", "output"):
             out[name] = dataclasses.asdict(getattr(self, name))
+        if self.groups.enabled:  # absent otherwise, so records of runs without groups stay as they were
+            out["groups"] = {**dataclasses.asdict(self.groups), "mask_ratio": list(self.groups.mask_ratio)}
         out["objective"] = self.objective_description()
         out["guidance"] = {"method": self.method}
         if self.guidance is not None:

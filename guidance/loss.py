@@ -3,6 +3,8 @@
 Per step, for clean inputs x0 and labels y: labels are dropped for CFG once; the student sees x_t at
 time t and yields its prediction and (with guidance) its projected block-k_s tokens in one pass; the
 method computes its target without gradients; L = L_gen + λ·mean over tokens of the distance.
+With token groups (dts/), t is one time per group and every token is noised, conditioned and
+regressed at its own group's time.
 """
 import torch
 import torch.nn as nn
@@ -26,10 +28,10 @@ class Student(nn.Module):
         self.head = head
         self.feature_depth = feature_depth
 
-    def forward(self, x_t, t, y):
+    def forward(self, x_t, t, y, groups=None):
         if self.head is None:
-            return self.backbone(x_t, t, y), None
-        prediction, tokens = self.backbone.forward_with_features(x_t, t, y, self.feature_depth)
+            return self.backbone(x_t, t, y, groups), None
+        prediction, tokens = self.backbone.forward_with_features(x_t, t, y, self.feature_depth, groups)
         return prediction, self.head(tokens)  # (N, C, H, W), (N, T, D_target)
 
 
@@ -37,25 +39,32 @@ class TrainingLoss:
     """L = L_gen + λ·L_align; with `guidance=None`, the plain DiT/SiT loss, drawing the same random
     numbers for everything the two share."""
 
-    def __init__(self, objective, class_dropout_prob, null_class, guidance=None):
+    def __init__(self, objective, class_dropout_prob, null_class, guidance=None, grouping=None):
+        """grouping: a dts.TokenGrouping for dual-time scheduling / attention separation, or None."""
         self.objective = objective
         self.class_dropout_prob = class_dropout_prob
         self.null_class = null_class
         self.guidance = guidance
+        self.grouping = grouping
 
     def __call__(self, student, x0, y, weight, images=None):
         """student: a `Student` (possibly wrapped for data parallelism); images: the clean uint8 images,
         for methods that need them. Returns 0-d tensors: loss, gen, align (align is 0 without guidance)."""
         objective = self.objective
         y = drop_labels(y, self.class_dropout_prob, self.null_class)
-        t = objective.sample_time(x0.shape[0], x0.device)
+        drawn = groups = None
+        if self.grouping is None:
+            t = where = objective.sample_time(x0.shape[0], x0.device)  # (N,)
+        else:
+            drawn = self.grouping.draw(x0.shape[0], x0.device)
+            t, where, groups = drawn.times, drawn.time_map(), drawn.groups  # (N, G), (N, 1, H, W)
         eps = torch.randn_like(x0)
-        x_t = objective.noisy(x0, eps, t)
-        prediction, projected = student(x_t, objective.model_time(t), y)
-        gen = objective.loss(prediction, x0, eps, t, x_t).mean()
+        x_t = objective.noisy(x0, eps, where)
+        prediction, projected = student(x_t, objective.model_time(t), y, groups)
+        gen = objective.loss(prediction, x0, eps, where, x_t).mean()
         if self.guidance is None:
             return {"loss": gen, "gen": gen.detach(), "align": torch.zeros_like(gen)}
         with torch.no_grad():
-            target = self.guidance.target(AlignmentInputs(x0, eps, t, y, images))
+            target = self.guidance.target(AlignmentInputs(x0, eps, t, y, images, drawn))
         align = self.guidance.distance(projected, target).mean()
         return {"loss": gen + weight * align, "gen": gen.detach(), "align": align.detach()}

@@ -25,7 +25,7 @@ from .registry import (
     model_family,
     parse_model_name,
 )
-from .transformer import DiT, drop_labels
+from .transformer import DiT, TokenGroups, drop_labels
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -42,6 +42,7 @@ __all__ = [
     "RELEASE_DIT_GUIDED_CHANNELS",
     "SIZES",
     "TIME_CONVENTIONS",
+    "TokenGroups",
     "cfg_forward",
     "checkpoint_metadata",
     "create_model",

@@ -4,6 +4,7 @@ One class serves both families: DiT predicts noise plus a learned variance range
 velocity; they differ only in `learn_sigma` and in the objective that trains them. Parameter and
 buffer names follow the public DiT/SiT releases so their state dicts load with strict=True.
 """
+import dataclasses
 import math
 
 import numpy as np
@@ -19,8 +20,37 @@ EMBED_INIT_STD = 0.02  # init std of the label table and timestep MLP (DiT relea
 
 
 def modulate(x, shift, scale):
-    # x: (N, T, D); shift, scale: (N, D)
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    # x: (N, T, D); shift, scale: (N, D), or (N, T, D) per token
+    if shift.ndim == 2:
+        return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return x * (1 + scale) + shift
+
+
+def gate(g, x):
+    # g: (N, D), or (N, T, D) per token; x: (N, T, D)
+    return (g.unsqueeze(1) if g.ndim == 2 else g) * x
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenGroups:
+    """Each token's group, for training with several times per image (dual-time scheduling, dts/).
+
+    ids: (N, T) int64 group index in [0, G) of every token, in patch order (row-major over the grid).
+    separate: tokens attend only to tokens of their own group (attention separation). With groups, the
+    backbone's time input is one time per group, (N, G): the conditioning is computed per group and
+    handed to each token, which equals a per-token time (N, T) of t[n, ids[n, i]] at G/T of the cost."""
+
+    ids: torch.Tensor
+    separate: bool = False
+
+    def attention_mask(self):
+        """(N, 1, T, T) bool, True where query and key tokens share a group (SDPA's convention)."""
+        return (self.ids[:, :, None] == self.ids[:, None, :]).unsqueeze(1)
+
+    def per_token(self, values):
+        """Per-group values (N, G, ...) -> per-token (N, T, ...)."""
+        index = self.ids.view(*self.ids.shape, *[1] * (values.ndim - 2)).expand(-1, -1, *values.shape[2:])
+        return values.gather(1, index)
 
 
 def timestep_embedding(t, dim, max_period=MAX_PERIOD):
@@ -79,15 +109,18 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
+        """x (N, T, D); mask: None, or (N, 1, T, T) bool, True where a query may attend to a key."""
         n, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(n, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (N, H, T, Dh)
         q, k = self.q_norm(q), self.k_norm(k)
         if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             weights = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
+            if mask is not None:
+                weights = weights.masked_fill(~mask, float("-inf"))
             x = weights.softmax(dim=-1) @ v
         return self.proj(x.transpose(1, 2).reshape(n, tokens, dim))
 
@@ -114,10 +147,14 @@ class Block(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * MLP_RATIO))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x, c):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+    def forward(self, x, c, groups=None, mask=None):
+        """x (N, T, D); c (N, D), or (N, G, D) per group of `groups` (TokenGroups); mask for attention."""
+        modulation = self.adaLN_modulation(c)
+        if groups is not None:
+            modulation = groups.per_token(modulation)  # (N, T, 6D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
+        x = x + gate(gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa), mask))
+        return x + gate(gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class FinalLayer(nn.Module):
@@ -127,8 +164,11 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+    def forward(self, x, c, groups=None):
+        modulation = self.adaLN_modulation(c)
+        if groups is not None:
+            modulation = groups.per_token(modulation)
+        shift, scale = modulation.chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -138,6 +178,7 @@ class DiT(nn.Module):
     forward(x, t, y) -> prediction (N, out_channels, H, W), as the public releases.
     forward_features(x, t, y, depth) -> tokens (N, T, D) after block `depth`, running only those blocks.
     forward_with_features(x, t, y, depth) -> (prediction, tokens after block `depth`) from one pass.
+    Each also takes `groups` (TokenGroups) and then a time per group, for dual-time training (dts/).
 
     Labels are used as given: class dropout for CFG is applied by the trainer (`drop_labels`), so the
     EMA teacher can see exactly the student's dropped labels (SPEC §3 step 4).
@@ -216,39 +257,54 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def _embed(self, x, t, y):
+    def _embed(self, x, t, y, groups):
+        """Tokens (N, T, D), the conditioning, and what the blocks need to apply it per token.
+
+        t: (N,) one time per image (the public models' input); (N, T) one per token; or, with `groups`,
+        (N, G) one per group. The conditioning is (N, D), (N, T, D) or (N, G, D) accordingly."""
         tokens = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
-        return tokens, c
+        n = tokens.shape[0]
+        if t.ndim == 1:
+            c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        elif t.ndim == 2 and (groups is not None or t.shape[1] == tokens.shape[1]):
+            c = self.t_embedder(t.reshape(-1)).view(n, t.shape[1], -1) + self.y_embedder(y).unsqueeze(1)
+        else:
+            raise ValueError(f"t must be (N,), (N, T={tokens.shape[1]}) or, with token groups, (N, G); "
+                             f"got {tuple(t.shape)}")
+        per_group = groups if groups is not None and t.ndim == 2 else None
+        mask = groups.attention_mask() if groups is not None and groups.separate else None
+        return tokens, c, per_group, mask
 
     def _check_depth(self, depth):
         if not 1 <= depth <= self.depth:
             raise ValueError(f"feature depth must be in [1, {self.depth}] (1-based block index), got {depth}")
 
-    def forward_features(self, x, t, y, depth):
+    def forward_features(self, x, t, y, depth, groups=None):
         """Hidden tokens (N, T, D) after the first `depth` blocks; later blocks are not run."""
         self._check_depth(depth)
-        tokens, c = self._embed(x, t, y)
+        tokens, c, per_group, mask = self._embed(x, t, y, groups)
         for block in self.blocks[:depth]:
-            tokens = block(tokens, c)
+            tokens = block(tokens, c, per_group, mask)
         return tokens
 
-    def forward_with_features(self, x, t, y, depth):
+    def forward_with_features(self, x, t, y, depth, groups=None):
         """(prediction (N, C_out, H, W), tokens (N, T, D) after block `depth`) from one full pass."""
         self._check_depth(depth)
-        tokens, c = self._embed(x, t, y)
+        tokens, c, per_group, mask = self._embed(x, t, y, groups)
         features = None
         for index, block in enumerate(self.blocks, start=1):
-            tokens = block(tokens, c)
+            tokens = block(tokens, c, per_group, mask)
             if index == depth:
                 features = tokens
-        return self.unpatchify(self.final_layer(tokens, c)), features
+        return self.unpatchify(self.final_layer(tokens, c, per_group)), features
 
-    def forward(self, x, t, y):
-        tokens, c = self._embed(x, t, y)
+    def forward(self, x, t, y, groups=None):
+        """Prediction (N, C_out, H, W). t: (N,) as the public releases; (N, T) per token; or (N, G)
+        with `groups` (TokenGroups), which may also separate the groups' attention."""
+        tokens, c, per_group, mask = self._embed(x, t, y, groups)
         for block in self.blocks:
-            tokens = block(tokens, c)
-        return self.unpatchify(self.final_layer(tokens, c))
+            tokens = block(tokens, c, per_group, mask)
+        return self.unpatchify(self.final_layer(tokens, c, per_group))
 
 
 def drop_labels(y, prob, null_class, generator=None):

@@ -2,6 +2,8 @@
 level, from the same x0 and ε and the student's dropped labels; only the first k_T blocks run."""
 import dataclasses
 
+import torch
+
 from configs.fields import option
 from diffusion.ddpm import NUM_TIMESTEPS, DDPMObjective
 from errors import UserError
@@ -15,6 +17,9 @@ from .interval import INTERVALS, check_interval, draw_delta
 
 ALIGN_WEIGHT = 0.2  # λ, paper §3 (constant)
 RELEASE_DIT_TEACHER_MIN_STEP = 1  # the DiT release clamps t − Δ at step 1 (SPEC §3 step 1)
+# The teacher's time with token groups (dts/; the release's `--teacher-t`, SiT-SRA_DTS_AS/loss.py):
+# sra: each group's own t − Δ; self_flow: the smallest group time for the whole image; same: the student's.
+TEACHER_TIMES = ("sra", "self_flow", "same")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +40,18 @@ class SRAConfig(AlignmentConfig):
     interval: str = option("dynamic", "Δ ~ U(0, t_max) per sample, or Δ = t_max", choices=INTERVALS)
     dit_teacher_min_step: int = option(
         0, "DiT: the teacher step floor, 0 as the paper or 1 as the release", choices=(0, 1), objective="ddpm")
+    teacher_t: str = option(
+        "sra", "with token groups: the teacher's time per group t − Δ (sra), the smallest group time for the "
+        "whole image (self_flow), or the student's times (same)", choices=TEACHER_TIMES, objective="flow")
+    teacher_mask: bool = option(
+        True, "with token groups: the teacher sees the student's groups (and their attention separation); "
+        "--teacher-t sra and same need it", objective="flow")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.teacher_t != "self_flow" and not self.teacher_mask:
+            raise UserError(f"--teacher-t {self.teacher_t} gives each group its own teacher time, which needs "
+                            "--teacher-mask on (only --teacher-t self_flow runs the teacher on the whole image)")
 
     @classmethod
     def default_student_depth(cls, model_name):
@@ -78,8 +95,42 @@ class SRA(Guidance):
 
     def target(self, inputs: AlignmentInputs):
         """Teacher tokens after block k_T at t_T from the same x0 and ε (SPEC §3 steps 1–4)."""
+        if inputs.groups is not None:
+            return self.grouped_target(inputs)
         x0, objective = inputs.x0, self.objective
         t_teacher = self.teacher_time(inputs.t, x0.shape[0], x0.device)
         x_teacher = objective.noisy(x0, inputs.eps, t_teacher)
         return self.teacher.forward_features(x_teacher, objective.model_time(t_teacher), inputs.y,
                                              self.config.teacher_depth)
+
+    def grouped_target(self, inputs: AlignmentInputs):
+        """The teacher for a student trained with token groups (the release's SiT-SRA_DTS_AS/loss.py):
+
+        sra: group g at t_g − Δ_g (Δ_g drawn per image and group), the student's groups and separation;
+        same: the student's input, times and groups;
+        self_flow: the whole image at t_min, the smallest group time; with --teacher-mask the first
+        group's tokens are noised to t_min and the other groups' tokens are clean (noise level 0), all
+        conditioned on t_min, with the student's groups (as the release does).
+        """
+        drawn, objective, config = inputs.groups, self.objective, self.config
+        groups = drawn.groups if config.teacher_mask else None
+        if config.teacher_t == "self_flow":
+            t_teacher = drawn.times.min(dim=1).values  # (N,)
+            if config.teacher_mask:
+                levels = torch.zeros_like(drawn.times)
+                levels[:, 0] = t_teacher
+                where = drawn.time_map(levels)
+            else:
+                where = t_teacher
+        else:
+            t_teacher = drawn.times
+            if config.teacher_t == "sra":
+                n, num_groups = drawn.times.shape
+                # Δ for every image of group 0, then of group 1, …: the release's order of draws
+                delta = draw_delta(objective, n * num_groups, config.t_max, config.interval == "fixed",
+                                   drawn.times.device).view(num_groups, n).T
+                t_teacher = objective.shift_time(drawn.times, delta)
+            where = drawn.time_map(t_teacher)
+        x_teacher = objective.noisy(inputs.x0, inputs.eps, where)
+        return self.teacher.forward_features(x_teacher, objective.model_time(t_teacher), inputs.y,
+                                             config.teacher_depth, groups)

@@ -8,3 +8,16 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Four classes of 8×8 images with different colours, stored in pixel space (train.py's tests)."""
+    from preprocessing.__main__ import main as preprocess
+    from tests.helpers import write_class_images
+
+    root = tmp_path_factory.mktemp("data")
+    write_class_images(root / "images")
+    preprocess(["--input", str(root / "images"), "--output", str(root / "pixels"), "--vae", "none",
+                "--resolution", "8", "--num-workers", "0"])
+    return str(root / "pixels")

@@ -80,13 +80,13 @@ def test_teacher_sees_the_students_dropped_labels():
     labels = {}
     original_student, original_teacher = student.forward, ema.model.forward_features
 
-    def student_spy(x, t, y):
+    def student_spy(x, t, y, groups=None):
         labels["student"] = y
-        return original_student(x, t, y)
+        return original_student(x, t, y, groups)
 
-    def teacher_spy(x, t, y, depth):
+    def teacher_spy(x, t, y, depth, groups=None):
         labels["teacher"] = y
-        return original_teacher(x, t, y, depth)
+        return original_teacher(x, t, y, depth, groups)
 
     student.forward, ema.model.forward_features = student_spy, teacher_spy
     x0, y = batch(n=64)

@@ -11,22 +11,10 @@ import torch
 
 import train
 from errors import UserError
-from preprocessing.__main__ import main as preprocess
-from tests.helpers import write_class_images
 from training.checkpoints import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--preset", "debug", "--num-workers", "0", "--tensorboard", "off"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """Four classes of 8×8 images with different colours, stored in pixel space."""
-    root = tmp_path_factory.mktemp("data")
-    write_class_images(root / "images")
-    preprocess(["--input", str(root / "images"), "--output", str(root / "pixels"), "--vae", "none",
-                "--resolution", "8", "--num-workers", "0"])
-    return str(root / "pixels")
 
 
 def run(tmp_path, data_dir, *extra):

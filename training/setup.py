@@ -7,6 +7,7 @@ import torch
 
 import models
 from configs.schema import OutputConfig
+from dts import TokenGrouping
 from errors import UserError
 from guidance import GuidanceContext, Student, TrainingLoss
 from guidance.registry import build_guidance
@@ -20,6 +21,10 @@ RESUMABLE = {
     "optim.max_steps", "optim.compile",
     *(f"output.{field.name}" for field in dataclasses.fields(OutputConfig)),
 }
+
+# Settings added after runs were recorded: a record without one ran as if it had this value, so it
+# resumes. (Token groups are recorded only when on; these two act only with them.)
+ADDED_SETTINGS = {"guidance.teacher_t": "sra", "guidance.teacher_mask": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +85,8 @@ def check_resumable(saved: dict, record: dict) -> None:
     """Refuse to continue a run whose saved record differs in anything but RESUMABLE settings; the data
     may move (run.data_dir) as long as its content (data.dataset_checksum) is the same."""
     old, new = _flat(saved), _flat(record)
+    if old.get("guidance.method") == "sra":
+        old = {**ADDED_SETTINGS, **old}
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE)
     if changed:
         details = ", ".join(f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in changed[:6])
@@ -116,7 +123,10 @@ def build_run(config, facts: DataFacts, accelerator):
     optim = config.optim
     optimizer = torch.optim.AdamW(student.parameters(), lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2),
                                   weight_decay=optim.weight_decay, fused=True)
-    loss_fn = TrainingLoss(objective, config.model.class_dropout_prob, facts.num_classes, guidance)
+    grouping = None
+    if config.groups.enabled:
+        grouping = TokenGrouping(config.groups, objective, backbone.num_patches, backbone.patch_size)
+    loss_fn = TrainingLoss(objective, config.model.class_dropout_prob, facts.num_classes, guidance, grouping)
     return types.SimpleNamespace(student=student, trained=trained, ema=ema, objective=objective,
                                  guidance=guidance, loss_fn=loss_fn, optimizer=optimizer,
                                  scaler=accelerator.scaler)

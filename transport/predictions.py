@@ -4,7 +4,8 @@ On x_t = α_t·x0 + σ_t·ε the three targets are the velocity v = α'_t·x0 + 
 the score ∇log p_t(x_t) = -E[ε | x_t]/σ_t. With D = α_t·σ'_t - σ_t·α'_t (> 0 on every path here):
     ε = (α_t·v - α'_t·x_t) / D,    v = (α'_t·x_t + D·ε) / α_t,    score = -ε / σ_t.
 They hold pointwise for any x_t, so they convert model outputs as well as exact fields.
-`t` is a Python float, a 0-d tensor or an (N,) tensor of times.
+`t` is a Python float, a 0-d tensor, an (N,) tensor of times, or a time map (N, 1, H, W) with a time
+per position (dual-time training, dts/).
 """
 
 import torch
@@ -22,9 +23,13 @@ def broadcast_time(t: Tensor | float, like: Tensor) -> Tensor:
         return torch.tensor(t, dtype=torch.float64)
     if t.ndim == 0:
         return t
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    if t.ndim == like.ndim and t.shape[0] == like.shape[0] and t.shape[1] == 1 and t.shape[2:] == like.shape[2:]:
+        return t.to(dtype)
     if t.ndim != 1 or t.shape[0] != like.shape[0]:
-        raise ValueError(f"t {tuple(t.shape)} must be 0-d or ({like.shape[0]},) for x {tuple(like.shape)}")
-    return t.to(torch.promote_types(like.dtype, torch.float32)).view(-1, *[1] * (like.ndim - 1))
+        raise ValueError(f"t {tuple(t.shape)} must be 0-d, ({like.shape[0]},) or a map "
+                         f"({like.shape[0]}, 1, {', '.join(map(str, like.shape[2:]))}) for x {tuple(like.shape)}")
+    return t.to(dtype).view(-1, *[1] * (like.ndim - 1))
 
 
 def _coefficients(path: Path, t: Tensor | float, like: Tensor):
