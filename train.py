@@ -18,7 +18,7 @@ from errors import UserError, run_cli
 from guidance.registry import METHODS
 from preprocessing.dataset import LatentDataset, ResumableSampler, make_loader
 from sampling.pipeline import load_decoder
-from training.checkpoints import check_loadable, load_latest, restore, save_checkpoint
+from training.checkpoints import check_loadable, load_latest, own_teacher, restore, save_checkpoint
 from training.fid import InTrainingFID
 from training.guard import NonFiniteGuard
 from training.metrics import MetricsLogger
@@ -125,6 +125,8 @@ def main(argv=None):
         totals, grad_norm, finite = train_step(batches, dataset.meta, parts.loss_fn, parts.trained, parts.optimizer,
                                                parts.scaler, accelerator, weight, config.optim.max_grad_norm)
         parts.ema.update(parts.student.backbone, apply=finite)
+        if own_teacher(parts):
+            parts.teacher.update(parts.student.backbone, apply=finite, decay=config.guidance.teacher_momentum(step - 1))
         guard.record(step, finite)
         window += totals
         window_steps += 1

@@ -171,9 +171,14 @@ def resolve(preset: str | None = None, given: dict | None = None) -> TrainConfig
         raise UserError("; ".join(problems))
     if model.learn_sigma is None:
         model = dataclasses.replace(model, learn_sigma=family_of(model.model).learn_sigma)
+    sections = {name: _pick(cls, values) for name, cls in SECTIONS.items() if name != "model"}
     guidance = None
     if method != NONE:
         guidance = _pick(config_class(method), values).resolved_for(model.model, model.depth)
-    sections = {name: _pick(cls, values) for name, cls in SECTIONS.items() if name != "model"}
+        unused = [f"{flag_name(name)} applies only with {needs}"
+                  for name, needs in guidance.unused_fields().items() if name in given]
+        if unused:
+            raise UserError("; ".join(unused))
+        guidance = guidance.with_run_length(sections["optim"].max_steps)
     _check_groups(sections["groups"], given, model.model)
     return TrainConfig(preset=preset, model=model, guidance=guidance, **sections)

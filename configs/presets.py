@@ -44,6 +44,10 @@ PRESETS["sit-b2-sra-dts-as"] = {
     "student_depth": 3, "teacher_depth": 8, "align_distance": "cosine", "align_weight": 0.5,
     "mixed_precision": "fp16",
 }
+# The ablations that need their own switch (SPEC §6): SiT-B/2 + SRA, 400K steps, one setting changed.
+PRESETS["sit-b2-sra-no-head"] = {**PRESETS["sit-b2-sra"], "projection_head": False}  # Table 3.2, PH. off
+PRESETS["sit-b2-sra-teacher-ssl"] = {**PRESETS["sit-b2-sra"], "teacher_update": "ssl_cosine"}  # Appendix F
+PRESETS["sit-b2-sra-teacher-copy"] = {**PRESETS["sit-b2-sra"], "teacher_update": "copy"}  # Appendix F
 
 PRESETS["debug"] = {
     "model": "SiT-T/2",

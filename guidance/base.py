@@ -65,6 +65,24 @@ class AlignmentConfig:
     def default_student_depth(cls, model_name: str) -> int:
         raise NotImplementedError
 
+    def unused_fields(self) -> dict[str, str]:
+        """Fields this config's other values make irrelevant, each with the setting it needs (a flag given
+        for one of them is refused)."""
+        return {}
+
+    def with_run_length(self, max_steps: int) -> "AlignmentConfig":
+        """This config with settings that default to the run's length filled in."""
+        return self
+
+    @property
+    def own_teacher(self) -> bool:
+        """Whether the method keeps a teacher of its own besides the sampled EMA (teacher_momentum then
+        gives its update)."""
+        return False
+
+    def teacher_momentum(self, k: int) -> float:
+        raise NotImplementedError
+
     def weight(self, step: int, steps_per_epoch: int) -> float:
         """λ at optimizer step `step` (0-based): constant, or the release's per-epoch decay."""
         return align_weight(step, self.align_weight_schedule, self.align_weight, steps_per_epoch,
@@ -101,7 +119,7 @@ class GuidanceContext:
     """The parts of a run a method may build on."""
 
     objective: object  # objectives.Objective
-    teacher: nn.Module  # the EMA backbone: eval mode, no gradients
+    teacher: nn.Module  # the teacher backbone (the sampled EMA, or the method's own): eval mode, no gradients
     backbone: nn.Module  # the student backbone (width, token grid)
     device: torch.device
 
@@ -123,8 +141,9 @@ class Guidance(abc.ABC):
         return self.config.student_depth
 
     @abc.abstractmethod
-    def build_head(self, hidden_size: int) -> nn.Module:
-        """The trained head from the student's width to the target's: (N, T, D) -> (N, T, D_target)."""
+    def build_head(self, hidden_size: int) -> nn.Module | None:
+        """The trained head from the student's width to the target's: (N, T, D) -> (N, T, D_target); None
+        compares the student's tokens with the target directly."""
 
     @abc.abstractmethod
     def target(self, inputs: AlignmentInputs) -> Tensor:

@@ -18,21 +18,22 @@ class Student(nn.Module):
     """The trained parameters: the backbone and, with guidance, the head on its block-k tokens.
 
     One module so that data-parallel wrappers see a single forward; it returns the prediction and the
-    projected block-`feature_depth` tokens (None without a head)."""
+    block-`feature_depth` tokens through the head (the tokens themselves without a head; None without
+    a feature depth)."""
 
     def __init__(self, backbone, head=None, feature_depth=None):
         super().__init__()
-        if (head is None) != (feature_depth is None):
-            raise ValueError("a projection head needs a feature depth, and the other way round")
+        if head is not None and feature_depth is None:
+            raise ValueError("a projection head needs a feature depth")
         self.backbone = backbone
         self.head = head
         self.feature_depth = feature_depth
 
     def forward(self, x_t, t, y, groups=None):
-        if self.head is None:
+        if self.feature_depth is None:
             return self.backbone(x_t, t, y, groups), None
         prediction, tokens = self.backbone.forward_with_features(x_t, t, y, self.feature_depth, groups)
-        return prediction, self.head(tokens)  # (N, C, H, W), (N, T, D_target)
+        return prediction, tokens if self.head is None else self.head(tokens)  # (N, C, H, W), (N, T, D_target)
 
 
 class TrainingLoss:

@@ -1,6 +1,7 @@
 """SRA as a guidance method (SPEC §3): the target is the EMA teacher's block-k_T tokens at a lower noise
 level, from the same x0 and ε and the student's dropped labels; only the first k_T blocks run."""
 import dataclasses
+import math
 
 import torch
 
@@ -20,6 +21,12 @@ RELEASE_DIT_TEACHER_MIN_STEP = 1  # the DiT release clamps t − Δ at step 1 (S
 # The teacher's time with token groups (dts/; the release's `--teacher-t`, SiT-SRA_DTS_AS/loss.py):
 # sra: each group's own t − Δ; self_flow: the smallest group time for the whole image; same: the student's.
 TEACHER_TIMES = ("sra", "self_flow", "same")
+# How the teacher follows the student (paper Appendix F): `ema`, the EMA that is also sampled, m = --ema-decay
+# (0.9999, the paper's choice); `ssl_cosine`, a separate teacher whose m rises from m0 to 1 over the run as in
+# DINO/iBOT, m_k = 1 − (1 − m0)·(cos(πk/K) + 1)/2 (DINO's `cosine_scheduler(momentum_teacher, 1, …)`, m0 = 0.996);
+# `copy`, a separate teacher equal to the student after every step (m = 0).
+TEACHER_UPDATES = ("ema", "ssl_cosine", "copy")
+SSL_MOMENTUM_START = 0.996  # DINO's default --momentum_teacher; the paper's "0.996 → 1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +47,18 @@ class SRAConfig(AlignmentConfig):
     interval: str = option("dynamic", "Δ ~ U(0, t_max) per sample, or Δ = t_max", choices=INTERVALS)
     dit_teacher_min_step: int = option(
         0, "DiT: the teacher step floor, 0 as the paper or 1 as the release", choices=(0, 1), objective="ddpm")
+    projection_head: bool = option(
+        True, "align the head's projection of the student's tokens (off: the tokens themselves; Table 3.2, PH.)")
+    teacher_update: str = option(
+        "ema", "the teacher: the sampled EMA (ema, m = --ema-decay), a separate EMA with DINO's cosine "
+        "schedule (ssl_cosine), or the student itself after every step (copy); paper Appendix F",
+        choices=TEACHER_UPDATES)
+    teacher_momentum_start: float = option(
+        SSL_MOMENTUM_START, "ssl_cosine: m at step 0, rising to 1 at --teacher-momentum-steps",
+        minimum=0.0, maximum=1.0)
+    teacher_momentum_steps: int | None = option(
+        None, "ssl_cosine: K, the steps over which m reaches 1 (default: --max-steps, recorded with the run)",
+        type=int, minimum=1)
     teacher_t: str = option(
         "sra", "with token groups: the teacher's time per group t − Δ (sra), the smallest group time for the "
         "whole image (self_flow), or the student's times (same)", choices=TEACHER_TIMES, objective="flow")
@@ -56,6 +75,29 @@ class SRAConfig(AlignmentConfig):
     @classmethod
     def default_student_depth(cls, model_name):
         return default_block_pair(model_name)[0]
+
+    def unused_fields(self):
+        if self.teacher_update == "ssl_cosine":
+            return {}
+        return {name: "--teacher-update ssl_cosine" for name in ("teacher_momentum_start", "teacher_momentum_steps")}
+
+    def with_run_length(self, max_steps):
+        if self.teacher_update == "ssl_cosine" and self.teacher_momentum_steps is None:
+            return dataclasses.replace(self, teacher_momentum_steps=max_steps)
+        return self
+
+    @property
+    def own_teacher(self) -> bool:
+        return self.teacher_update != "ema"
+
+    def teacher_momentum(self, k: int) -> float:
+        """m of the teacher update after optimizer step k (0-based) for a teacher of its own."""
+        if self.teacher_update == "copy":
+            return 0.0
+        if self.teacher_update == "ssl_cosine":
+            progress = min(k, self.teacher_momentum_steps) / self.teacher_momentum_steps
+            return 1.0 - (1.0 - self.teacher_momentum_start) * (math.cos(math.pi * progress) + 1.0) / 2.0
+        raise ValueError("--teacher-update ema uses the sampled EMA as the teacher; it has no momentum of its own")
 
     def resolved_for(self, model_name, depth):
         resolved = super().resolved_for(model_name, depth)
@@ -82,7 +124,7 @@ class SRA(Guidance):
         check_interval(config.t_max, config.interval, self.objective.discrete_steps)
 
     def build_head(self, hidden_size):
-        return ProjectionHead(hidden_size)
+        return ProjectionHead(hidden_size) if self.config.projection_head else None
 
     def teacher_time(self, t, n, device):
         """t_T = shift_time(t, Δ) for a fresh Δ (SPEC §3 step 1), with the DiT release's floor if asked."""

@@ -141,6 +141,11 @@ def checkpoint_meta(record, backbone, objective):
     return meta
 
 
+def own_teacher(parts) -> bool:
+    """Whether the run's teacher is an EMA of its own (SRA --teacher-update ssl_cosine/copy), saved as 'teacher'."""
+    return parts.teacher is not None and parts.teacher is not parts.ema
+
+
 def save_checkpoint(run_dir, step, record, parts, counters, accelerator):
     """Every process takes part (its RNG state is gathered); the main process writes and prunes."""
     rng_states = gather_objects(rng_state(accelerator.device))
@@ -154,6 +159,7 @@ def save_checkpoint(run_dir, step, record, parts, counters, accelerator):
         "step": step,
         "model": student.backbone.state_dict(),
         "ema": parts.ema.state_dict(),
+        "teacher": parts.teacher.state_dict() if own_teacher(parts) else None,
         "head": student.head.state_dict() if student.head is not None else None,
         "opt": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -188,6 +194,8 @@ def restore(state, parts, accelerator):
     if student.head is not None:
         student.head.load_state_dict(state["head"])
     parts.ema.load_state_dict(state["ema"])
+    if own_teacher(parts):
+        parts.teacher.load_state_dict(state["teacher"])
     parts.optimizer.load_state_dict(state["opt"])
     if parts.scaler is not None and state["scaler"] is not None:
         parts.scaler.load_state_dict(state["scaler"])

@@ -20,14 +20,16 @@ class EMA:
         self._params = list(self.model.parameters())
 
     @torch.no_grad()
-    def update(self, backbone, apply=None):
+    def update(self, backbone, apply=None, decay=None):
         """Move the EMA toward `backbone`. `apply` is an optional 0-d tensor (1 = update, 0 = keep),
-        so a skipped optimizer step also skips the EMA without a host sync."""
+        so a skipped optimizer step also skips the EMA without a host sync; `decay` overrides m for this
+        update (a scheduled teacher). m = 0 copies the weights exactly (lerp with weight 1 returns the end)."""
+        decay = self.decay if decay is None else decay
         source = list(backbone.parameters())
         if apply is None:
-            torch._foreach_lerp_(self._params, source, 1.0 - self.decay)
+            torch._foreach_lerp_(self._params, source, 1.0 - decay)
         else:
-            weight = apply.to(self._params[0].dtype) * (1.0 - self.decay)
+            weight = apply.to(self._params[0].dtype) * (1.0 - decay)
             torch._foreach_lerp_(self._params, source, [weight] * len(source))
 
     def state_dict(self):

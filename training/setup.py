@@ -24,7 +24,9 @@ RESUMABLE = {
 
 # Settings added after runs were recorded: a record without one ran as if it had this value, so it
 # resumes. (Token groups are recorded only when on; these two act only with them.)
-ADDED_SETTINGS = {"guidance.teacher_t": "sra", "guidance.teacher_mask": True}
+ADDED_SETTINGS = {"guidance.teacher_t": "sra", "guidance.teacher_mask": True, "guidance.projection_head": True,
+                  "guidance.teacher_update": "ema", "guidance.teacher_momentum_start": 0.996,
+                  "guidance.teacher_momentum_steps": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,15 +108,25 @@ def build_run(config, facts: DataFacts, accelerator):
     """Model, EMA, objective, guidance, loss and optimizer, freshly initialized.
 
     `student` is the plain module (backbone and head) used for the EMA update and checkpoints;
-    `trained` shares its parameters and runs the step (data-parallel)."""
+    `trained` shares its parameters and runs the step (data-parallel); `teacher` is the EMA whose model
+    the guidance method reads (`ema` itself, a separate one, or None without guidance)."""
     # Every process initializes the same weights (the EMA copy is taken before data parallelism
     # would broadcast them), then draws its own training noise.
     torch.manual_seed(config.run.seed)
     backbone = build_model(config, facts)
     ema = EMA(backbone, config.optim.ema_decay)
     ema.model.to(accelerator.device)
+    # The teacher is the sampled EMA, unless the method's teacher follows a rule of its own (SRA's
+    # --teacher-update); then it is a second copy and the sampled EMA stays at --ema-decay.
+    teacher = None
+    if config.guidance is not None:
+        teacher = ema
+        if config.guidance.own_teacher:
+            teacher = EMA(backbone, decay=0.0)
+            teacher.model.to(accelerator.device)
     objective = from_description(config.objective_description())
-    context = GuidanceContext(objective=objective, teacher=ema.model, backbone=backbone, device=accelerator.device)
+    context = GuidanceContext(objective=objective, teacher=ema.model if teacher is None else teacher.model,
+                              backbone=backbone, device=accelerator.device)
     guidance = build_guidance(config.guidance, context)
     head = guidance.build_head(backbone.hidden_size) if guidance is not None else None
     student = Student(backbone, head, guidance.student_depth if guidance is not None else None)
@@ -127,7 +139,7 @@ def build_run(config, facts: DataFacts, accelerator):
     if config.groups.enabled:
         grouping = TokenGrouping(config.groups, objective, backbone.num_patches, backbone.patch_size)
     loss_fn = TrainingLoss(objective, config.model.class_dropout_prob, facts.num_classes, guidance, grouping)
-    return types.SimpleNamespace(student=student, trained=trained, ema=ema, objective=objective,
+    return types.SimpleNamespace(student=student, trained=trained, ema=ema, teacher=teacher, objective=objective,
                                  guidance=guidance, loss_fn=loss_fn, optimizer=optimizer,
                                  scaler=accelerator.scaler)
 
@@ -136,4 +148,5 @@ def compile_run(parts, config):
     """torch.compile of the step's student and of the teacher's partial forward (--compile)."""
     if config.optim.compile:
         parts.trained = torch.compile(parts.trained)
-        parts.ema.model.forward_features = torch.compile(parts.ema.model.forward_features)
+        if parts.teacher is not None:
+            parts.teacher.model.forward_features = torch.compile(parts.teacher.model.forward_features)
