@@ -4,13 +4,15 @@
         --preset sit-xl2-sra-256-cfg
     python sample_ddp.py --ckpt DiT-XL-2-256x256.pt --model DiT-XL/2 --num-samples 1000   # one process
 
+The file goes to results/samples/ (git-ignored, like every tool's output) under a name derived from
+the settings; --output-dir or --output choose another place.
+
 Each sample's noise (the initial noise and a stochastic sampler's) and label depend on (--seed, its
 index) only, so the images do not depend on the number of processes or the batch size. Rerunning the
 same command after an interruption resumes: finished batches are kept and the final file is identical
 to an uninterrupted run's.
 """
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -21,6 +23,8 @@ from tqdm import tqdm
 import models
 from errors import ArgumentParser, UserError, run_cli
 from sampling import (
+    DEFAULT_VAE,
+    DEFAULTS,
     NO_VAE,
     PRESET_NAMES,
     ROUNDINGS,
@@ -44,44 +48,68 @@ from sampling import (
 
 PER_PROC_BATCH_SIZE = 32  # DiT release sample_ddp.py; raise it on large GPUs
 VAE_BATCH_SIZE = 64  # images per VAE decoder call: bounds the decoder's memory at 256-512 px
+DEFAULT_OUTPUT_DIR = "results/samples"  # results/ is git-ignored, and every tool writes under it
 
 
 # --- configuration -----------------------------------------------------------------------------
 
 def parse_args(argv=None):
     parser = ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="sample_ddp.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     flag = parser.add_argument
-    flag("--ckpt", required=True, help="this project's checkpoint or a public DiT/SiT/SRA/REPA release")
-    flag("--model", choices=models.MODEL_NAMES, help="needed only for a bare state dict (DiT/SiT releases)")
+    preset_or = "the preset's, else"  # flags a --preset sets: their default is the preset's value
+    flag("--ckpt", required=True, metavar="PATH",
+         help="this project's checkpoint or a public DiT/SiT/SRA/REPA release (required)")
+    flag("--model", choices=models.MODEL_NAMES, metavar="NAME",
+         help="model name, needed only for a bare state dict (DiT/SiT releases), e.g. SiT-XL/2; one of "
+              "DiT-/SiT-{T,S,B,L,XL}/{2,4,8} (default: read from the checkpoint)")
     flag("--time-convention", choices=(models.DATA_AT_0, models.DATA_AT_1, models.DISCRETE_STEPS),
-         help="override the loader's inference (data_at_1: SiT release; data_at_0: SRA/REPA/this project)")
-    flag("--weights", choices=("ema", "model"), default="ema", help="EMA weights (the papers') or online")
-    flag("--preset", choices=PRESET_NAMES, help="a paper's evaluation settings; the flags below override it")
+         help="data_at_1: SiT release; data_at_0: SRA/REPA/this project; ddpm: DiT steps "
+              "(default: inferred from the checkpoint)")
+    flag("--weights", choices=("ema", "model"), default="ema",
+         help="EMA weights (the papers') or the online ones (default: %(default)s)")
+    flag("--preset", choices=PRESET_NAMES,
+         help="a paper's evaluation settings; the flags below override it (default: none)")
     flag("--sampler", choices=("ddpm", "ddim", "sde", "euler", "heun"),
-         help="DiT: ddpm (default) or ddim; SiT: sde (default), euler or heun (ODE)")
-    flag("--num-steps", type=int, help="sampling steps (default 250)")
-    flag("--ddim-eta", type=float, help="DDIM noise (0: deterministic)")
-    flag("--cfg-scale", type=float, help="classifier-free guidance scale (1: none)")
+         help=f"DiT: ddpm or ddim; SiT: sde, euler or heun (ODE) (default: {preset_or} ddpm for DiT, sde for SiT)")
+    flag("--num-steps", type=int, metavar="N", help=f"sampling steps (default: {preset_or} 250)")
+    flag("--ddim-eta", type=float, metavar="ETA",
+         help=f"DDIM noise, 0 = deterministic (default: {preset_or} {DEFAULTS['ddim_eta']:g})")
+    flag("--cfg-scale", type=float, metavar="SCALE",
+         help=f"classifier-free guidance scale, 1 = none (default: {preset_or} {DEFAULTS['cfg_scale']:g})")
     flag("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"),
-         help="guide only where LOW <= t <= HIGH, t the noise level in [0, 1]")
-    flag("--cfg-channels", choices=("all", "3"), help="guide all latent channels or the first 3 (releases)")
-    flag("--num-samples", type=int, help="total images (default 50000)")
-    flag("--per-proc-batch-size", type=int, default=PER_PROC_BATCH_SIZE, help="images per process per batch")
-    flag("--seed", type=int, default=0)
-    flag("--balanced-classes", action="store_true", help="each class num_samples / num_classes times")
-    flag("--vae", help=f"VAE hub id or local directory, or '{NO_VAE}' for pixel-space models "
-                       "(default: the checkpoint's training VAE, else stabilityai/sd-vae-ft-ema)")
-    flag("--vae-batch-size", type=int, default=VAE_BATCH_SIZE, help="images per VAE decoder call")
-    flag("--image-size", type=int, help="expected image size; an error if the model and VAE give another")
+         help="guide only where LOW <= t <= HIGH, t the noise level in [0, 1] "
+              f"(default: {preset_or} {' '.join(f'{x:g}' for x in DEFAULTS['guidance_interval'])})")
+    flag("--cfg-channels", choices=("all", "3"),
+         help=f"guide all latent channels or the first 3 (releases) (default: {preset_or} {DEFAULTS['cfg_channels']})")
+    flag("--num-samples", type=int, metavar="N",
+         help=f"total images (default: {preset_or} {DEFAULTS['num_samples']})")
+    flag("--per-proc-batch-size", type=int, default=PER_PROC_BATCH_SIZE, metavar="N",
+         help="images per process per batch (default: %(default)s)")
+    flag("--seed", type=int, default=0, help="each sample's noise and label come from (seed, its index) "
+                                             "(default: %(default)s)")
+    flag("--balanced-classes", action="store_true",
+         help="each class num_samples / num_classes times (default: off, labels uniform at random)")
+    flag("--vae", metavar="ID_OR_DIR",
+         help=f"VAE hub id or local directory, or '{NO_VAE}' for pixel-space models "
+              f"(default: the checkpoint's training VAE, else {DEFAULT_VAE})")
+    flag("--vae-batch-size", type=int, default=VAE_BATCH_SIZE, metavar="N",
+         help="images per VAE decoder call (default: %(default)s)")
+    flag("--image-size", type=int, metavar="N",
+         help="expected image size; an error if the model and VAE give another (default: not checked)")
     flag("--rounding", choices=tuple(ROUNDINGS),
-         help="; ".join(f"{name}: {how}" for name, how in ROUNDINGS.items()) + " (default nearest)")
-    flag("--mixed-precision", choices=("bf16", "no"), default="bf16", help="bf16 autocast (GPU only)")
-    flag("--tf32", choices=("on", "off"), default="on", help="TF32 matmuls on GPU")
-    flag("--output-dir", default="samples", help="where the .npz goes; its name is derived from the settings")
-    flag("--output", help="the .npz path, instead of the derived name in --output-dir")
-    flag("--save-png", action="store_true", help="also write every image as a PNG")
+         help="; ".join(f"{name}: {how}" for name, how in ROUNDINGS.items())
+              + f" (default: {preset_or} {DEFAULTS['rounding']})")
+    flag("--mixed-precision", choices=("bf16", "no"), default="bf16",
+         help="bf16 autocast, GPU only (default: %(default)s)")
+    flag("--tf32", choices=("on", "off"), default="on", help="TF32 matmuls on GPU (default: %(default)s)")
+    flag("--output-dir", default=DEFAULT_OUTPUT_DIR, metavar="DIR",
+         help="where the .npz goes; its name is derived from the settings; --output-dir samples is the "
+              "older default (default: %(default)s)")
+    flag("--output", metavar="PATH",
+         help="the .npz path, instead of the derived name in --output-dir (default: derived)")
+    flag("--save-png", action="store_true", help="also write every image as a PNG (default: off)")
     return parser.parse_args(argv)
 
 
@@ -170,6 +198,21 @@ def output_path(args, settings, loaded) -> Path:
     return Path(args.output_dir) / f"{name}.npz"
 
 
+def settings_line(record, settings_path) -> str:
+    """The settings in one line (all of them go to settings_path): printed once, not as a JSON block."""
+    text = (f"settings: {record['model']}, {record['weights']} weights (sha256 {record['ckpt_sha256'][:12]}), "
+            f"{record['sampler']} {record['num_steps']} steps, cfg {record['cfg_scale']:g}")
+    if record["cfg_scale"] != 1.0:
+        low, high = record["guidance_interval"]
+        text += f" on t in [{low:g}, {high:g}], {record['cfg_channels']} channels"
+    if "ddim_eta" in record:
+        text += f", eta {record['ddim_eta']:g}"
+    text += (f", {record['num_samples']} images of {record['image_size']} px"
+             f"{' (balanced classes)' if record['balanced_classes'] else ''}, seed {record['seed']}, "
+             f"{record['rounding']} rounding, vae {record['vae']}; all of them in {settings_path} when done")
+    return text
+
+
 def check_writable(directory: Path) -> None:
     """Error unless the directory exists or can be created, and may be written to. Creates nothing:
     a run refused for its checkpoint or flags leaves no trace."""
@@ -248,7 +291,7 @@ def sample(args, settings, rank, world_size, device):
         for note in loaded.notes:
             print(f"{args.ckpt}: {note}")
         print(f"decoder: {sample_batch.decoder.name} ({sample_batch.decoder.source})")
-        print(json.dumps(record, indent=1))
+        print(settings_line(record, settings_path), flush=True)
         store.prepare(record)
         if png_dir is not None:
             png_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Representation analysis: linear probes of pooled token features at chosen blocks and noise levels
-(paper App. C, Figure 7), for the EMA teacher and the online student, and PCA pictures of token
-features (paper Figure 2, left). `python -m analysis --help`, or `run_probe` from Python."""
+(paper App. C, Figure 7), for the EMA weights (SRA's teacher) and the online weights, and PCA pictures
+of token features (paper Figure 2, left). `python -m analysis --help`, or `run_probe` from Python."""
 from analysis.features import (
     FeatureModel,
     clean_inputs,

@@ -1,7 +1,7 @@
 """python -m analysis --ckpt [NAME=]PATH [--ckpt ...] --blocks 0 2 4 8 --times 0 0.25 0.5 --output-dir DIR
 
 Linear probes (paper App. C) and PCA pictures (paper Figure 2, left) of the token features of each
-checkpoint, for the EMA teacher and the online student. Writes probe.csv, probe.json,
+checkpoint, for its EMA weights (SRA's teacher) and its online weights. Writes probe.csv, probe.json,
 probe_<name>.png, compare.png (two or more checkpoints) and pca.png. Extracted features are cached
 under DIR/features; rerunning the same command reuses them and resumes an interrupted extraction.
 A mistake in the request (a missing file, a block or noise level out of range, a split too small) ends
@@ -32,36 +32,46 @@ def parse_checkpoints(values) -> dict:
 def parse_args(argv):
     parser = ArgumentParser(prog="python -m analysis", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", action="append", required=True, metavar="[NAME=]PATH",
-                        help="checkpoint to probe (repeat to compare); this project's or a public release")
-    parser.add_argument("--output-dir", required=True, help="where the table, figures and feature cache go")
-    parser.add_argument("--blocks", type=int, nargs="+", required=True,
-                        help="blocks to probe, 1-based (after that many blocks); 0 = the embedded input")
-    parser.add_argument("--times", type=float, nargs="+", required=True,
-                        help="noise levels in [0, 1], 0 = clean (converted to each model's time convention)")
-    parser.add_argument("--weights", nargs="+", choices=WEIGHTS, default=list(WEIGHTS),
-                        help="ema = the SRA teacher, model = the online student")
-    parser.add_argument("--data-dir", help="labelled dataset (python -m preprocessing); default: the "
-                        "checkpoints' training dataset")
-    parser.add_argument("--val-dir", help="held-out dataset; default: --val-fraction of --data-dir")
-    parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
-    parser.add_argument("--max-train-samples", type=int, help="probe on a seeded random subset")
-    parser.add_argument("--max-val-samples", type=int, help="score on a seeded random subset")
-    parser.add_argument("--seed", type=int, default=0, help="split, noise per sample, probe init and order")
-    parser.add_argument("--epochs", type=int, default=PROBE_EPOCHS, help="probe epochs (paper: 80)")
-    parser.add_argument("--probe-batch-size", type=int, default=PROBE_BATCH_SIZE, help="paper: 4096")
-    parser.add_argument("--lr", type=float, default=PROBE_LR,
-                        help="start of the cosine schedule (paper: 1e-3)")
-    parser.add_argument("--weight-decay", type=float, default=PROBE_WEIGHT_DECAY, help="AdamW weight decay")
-    parser.add_argument("--extract-batch-size", type=int, default=EXTRACT_BATCH_SIZE,
-                        help="images per feature forward (memory only)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="of the feature forward")
-    parser.add_argument("--device", help="default: cuda if available, else cpu")
-    parser.add_argument("--cache-dir", help="feature cache; default: OUTPUT_DIR/features")
-    parser.add_argument("--pca-images", type=int, default=PCA_IMAGES, help="images in pca.png (0: none)")
-    parser.add_argument("--model", help="model name for a release that cannot say (e.g. SiT-XL/2)")
-    parser.add_argument("--time-convention", choices=TIME_CONVENTIONS, help="override the loader's choice")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    flag = parser.add_argument
+    flag("--ckpt", action="append", required=True, metavar="[NAME=]PATH",
+         help="checkpoint to probe, repeat to compare; this project's or a public release (required)")
+    flag("--output-dir", required=True, metavar="DIR",
+         help="where the table, figures and feature cache go (required)")
+    flag("--blocks", type=int, nargs="+", required=True, metavar="K",
+         help="blocks to probe, 1-based (after that many blocks); 0 = the embedded input (required)")
+    flag("--times", type=float, nargs="+", required=True, metavar="T",
+         help="noise levels in [0, 1], 0 = clean, converted to each model's time convention (required)")
+    flag("--weights", nargs="+", choices=WEIGHTS, default=list(WEIGHTS),
+         help="ema = the EMA weights (sampled; SRA's teacher), model = the online weights "
+              f"(default: {' '.join(WEIGHTS)})")
+    flag("--data-dir", metavar="DIR", help="labelled dataset (python -m preprocessing) "
+                                           "(default: the checkpoints' training dataset)")
+    flag("--val-dir", metavar="DIR", help="held-out dataset (default: --val-fraction of --data-dir)")
+    flag("--val-fraction", type=float, default=VAL_FRACTION, metavar="F",
+         help="seeded share of --data-dir held out when there is no --val-dir (default: %(default)s)")
+    flag("--max-train-samples", type=int, metavar="N", help="probe on a seeded random subset (default: all)")
+    flag("--max-val-samples", type=int, metavar="N", help="score on a seeded random subset (default: all)")
+    flag("--seed", type=int, default=0, help="split, noise per sample, probe init and order (default: %(default)s)")
+    flag("--epochs", type=int, default=PROBE_EPOCHS, metavar="N",
+         help="probe training epochs, paper App. C (default: %(default)s)")
+    flag("--probe-batch-size", type=int, default=PROBE_BATCH_SIZE, metavar="N",
+         help="probe batch, paper App. C (default: %(default)s)")
+    flag("--lr", type=float, default=PROBE_LR,
+         help="start of the probe's cosine schedule, paper App. C (default: %(default)g)")
+    flag("--weight-decay", type=float, default=PROBE_WEIGHT_DECAY, metavar="WD",
+         help="the probe's AdamW weight decay (default: %(default)g)")
+    flag("--extract-batch-size", type=int, default=EXTRACT_BATCH_SIZE, metavar="N",
+         help="images per feature forward, memory only (default: %(default)s)")
+    flag("--precision", choices=PRECISIONS, default="fp32", help="of the feature forward (default: %(default)s)")
+    flag("--device", help="torch device (default: cuda if available, else cpu)")
+    flag("--cache-dir", metavar="DIR", help="feature cache (default: OUTPUT_DIR/features)")
+    flag("--pca-images", type=int, default=PCA_IMAGES, metavar="N",
+         help="val images in pca.png, 0 = no pca.png (default: %(default)s)")
+    flag("--model", metavar="NAME",
+         help="model name for a release that cannot say, e.g. SiT-XL/2 (default: read from the checkpoint)")
+    flag("--time-convention", choices=TIME_CONVENTIONS,
+         help="override the loader's choice (default: inferred from the checkpoint)")
+    flag("--no-progress", action="store_true", help="no progress bars (default: shown)")
     args = parser.parse_args(argv)
     args.checkpoints = parse_checkpoints(args.ckpt)
     return args

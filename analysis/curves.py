@@ -228,7 +228,8 @@ def parse_args(argv):
     parser.add_argument("--labels", nargs="+", metavar="LABEL",
                         help="legend entry per run (default: <run directory name> (<method>, <model>))")
     parser.add_argument("--metric", metavar="fid<K>",
-                        help="the FID key to plot, e.g. fid10000; needed when the runs log more than one")
+                        help="the FID key to plot, e.g. fid10000; needed when the runs log more than one "
+                             "(default: the one FID key all runs log)")
     return parser.parse_args(argv)
 
 

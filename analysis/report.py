@@ -1,6 +1,6 @@
 """From checkpoints and a labelled dataset to the probe table and figures: `run_probe`.
 
-For every checkpoint and weights (EMA teacher, online student), features are extracted (cached,
+For every checkpoint and weights (EMA, online), features are extracted (cached,
 resumable) on a train and a val split, one linear probe is trained per (block, noise level) on the
 train features, and its top-1 on the val features is reported.
 """
@@ -32,7 +32,7 @@ from errors import UserError
 from preprocessing.dataset import LatentDataset
 from sampling.pipeline import training_info
 
-WEIGHTS = ("ema", "model")  # the SRA teacher and the online student (SPEC §3)
+WEIGHTS = ("ema", "model")  # the EMA weights (SRA's teacher, SPEC §3) and the online weights
 VAL_FRACTION = 0.1  # held-out share of --data-dir when there is no --val-dir (a choice)
 EXTRACT_BATCH_SIZE = 64  # images per feature forward; changes memory and speed, never the features
 PCA_IMAGES = 2  # images in pca.png
@@ -209,7 +209,7 @@ def _pca_figure(feature_models, checkpoints, weights, split, blocks, times, coun
                  for t in times]
         inputs[name] = torch.stack([input_pictures(x_t, split.val.meta["kind"]) for x_t in noisy], dim=1)
         feature_model.model.to("cpu")
-    save_pca_figure(panels, inputs, blocks, times, path)
+    save_pca_figure(panels, inputs, blocks, times, path, weights)
 
 
 def run_probe(checkpoints: dict, output_dir, *, blocks, times, data_dir=None, val_dir=None, weights=WEIGHTS,

@@ -1,11 +1,13 @@
 """python -m demo [--output-dir results/demo] [--steps N] [--samples N] ...   (what `make demo` runs)
 
-The whole pipeline on the built-in shapes dataset (demo/dataset.py), on CPU, in about ten minutes on
-2 cores: data → preprocessing → reference statistics → train the baseline → train SRA → sample both →
-evaluate both → probe both → report.md. Every stage calls one of the project's entry points with the
-arguments of the command it prints (python -m preprocessing, train.py --preset demo, sample_ddp.py,
-python -m evaluations.evaluator, python -m analysis), so the demo is the README's workflow at toy size.
-The two runs share the seed, the data order and the budget; only --guidance differs.
+The whole pipeline on the built-in shapes dataset (demo/dataset.py), on CPU: data → preprocessing →
+reference statistics → train the baseline → train SRA → sample both → evaluate both → classify both's
+samples → probe both → report.md. It took 9.3 min on 2 cores at load 1.4-2.0 and 24.5 min at load 2-4
+(README, "Time"). Every stage but the classifier (demo/classifier.py, a few seconds) calls one of the
+project's entry points with the arguments of the command it prints (python -m preprocessing, train.py
+--preset demo, sample_ddp.py, python -m evaluations.evaluator, python -m analysis), so the demo is the
+README's workflow at toy size. The two runs share the seed, the data order and the budget; only
+--guidance differs. Each stage's wall time, CPU time and load average go to stages.json and the report.
 
 Rerunning the same command reuses every finished stage and resumes an interrupted training run from
 its last checkpoint; the output says which.
@@ -14,6 +16,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import shlex
 import shutil
 import time
@@ -27,7 +30,7 @@ import models
 import sample_ddp
 import train
 from analysis.__main__ import main as analyze
-from demo import dataset, report
+from demo import classifier, dataset, report
 from demo.paths import RUNS, DemoPaths
 from errors import ArgumentParser, UserError, run_cli
 from evaluations import evaluator
@@ -45,28 +48,38 @@ SAMPLER = "sde"  # the flow objective's default, the one train.py's FID uses: th
 SAMPLE_BATCH_SIZE = 100  # sample_ddp.py images per batch (memory and speed only)
 INCEPTION_BATCH_SIZE = 50  # evaluator images per Inception forward (memory and speed only)
 PROBE_TIMES = (0.0, 0.25, 0.5)  # noise levels, 0 = clean (the paper's Figure 7 probes several)
-PROBE_WEIGHTS = "ema"  # the SRA teacher, also the weights that are sampled
+PROBE_WEIGHTS = "ema"  # the weights that are sampled (in the SRA run, also its teacher)
 # The paper's probe trains 80 epochs at batch 4096 on ImageNet; 900 features need smaller batches.
 PROBE_EPOCHS = 40
 PROBE_BATCH_SIZE = 256
+# Checkpoints kept per run: the newest, which resumes an interrupted run and is the one sampled and probed.
+KEEP_LAST = 1
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(prog="python -m demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     flag = parser.add_argument
-    flag("--output-dir", default=DEFAULT_OUTPUT_DIR, help="everything the demo writes goes here")
-    flag("--steps", type=int, default=PRESET["max_steps"], help="training steps of each run")
-    flag("--batch-size", type=int, default=PRESET["global_batch_size"], help="images per training step")
-    flag("--fid-every", type=int, help="FID during training every N steps (default: at half of --steps; "
-                                       "0: only the final FID)")
-    flag("--samples", type=int, default=PRESET["eval_samples"], help="N of every FID-N (samples per run)")
-    flag("--reference-images", type=int, default=REFERENCE_IMAGES,
-         help=f"held-out images behind FID, a multiple of {dataset.NUM_CLASSES}")
-    flag("--images-per-class", type=int, default=IMAGES_PER_CLASS, help="training images per class")
-    flag("--sampling-steps", type=int, default=PRESET["eval_steps"], help="SDE steps of every sample")
-    flag("--probe-epochs", type=int, default=PROBE_EPOCHS, help="linear-probe training epochs")
-    flag("--seed", type=int, default=SEED, help="training seed of both runs, and the sampling seed")
+    flag("--output-dir", default=DEFAULT_OUTPUT_DIR, metavar="DIR",
+         help="everything the demo writes goes here (default: %(default)s)")
+    flag("--steps", type=int, default=PRESET["max_steps"], metavar="N",
+         help="training steps of each run (default: %(default)s)")
+    flag("--batch-size", type=int, default=PRESET["global_batch_size"], metavar="N",
+         help="images per training step (default: %(default)s)")
+    flag("--fid-every", type=int, metavar="N",
+         help="FID during training every N steps; 0: only the final FID (default: half of --steps)")
+    flag("--samples", type=int, default=PRESET["eval_samples"], metavar="N",
+         help="N of every FID-N, samples per run (default: %(default)s)")
+    flag("--reference-images", type=int, default=REFERENCE_IMAGES, metavar="N",
+         help=f"held-out images behind FID, a multiple of {dataset.NUM_CLASSES} (default: %(default)s)")
+    flag("--images-per-class", type=int, default=IMAGES_PER_CLASS, metavar="N",
+         help="training images per class (default: %(default)s)")
+    flag("--sampling-steps", type=int, default=PRESET["eval_steps"], metavar="N",
+         help="SDE steps of every sample (default: %(default)s)")
+    flag("--probe-epochs", type=int, default=PROBE_EPOCHS, metavar="N",
+         help="linear-probe training epochs (default: %(default)s)")
+    flag("--seed", type=int, default=SEED,
+         help="training seed of both runs, and the sampling seed (default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -106,13 +119,22 @@ def claim_output_dir(paths: DemoPaths, settings: dict) -> None:
     paths.settings.write_text(json.dumps(settings, indent=2) + "\n")
 
 
+def cpu_seconds():
+    """CPU time of this process (all its threads) and of its finished child processes, in seconds."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 class Stages:
-    """Numbered stage headers, and each stage's wall time kept in stages.json, so that a rerun which
-    reuses a stage still reports what it cost."""
+    """Numbered stage headers, and each stage's wall time, CPU time and load average kept in stages.json,
+    so that a rerun which reuses a stage still reports what it cost and under which load."""
 
     def __init__(self, path: Path, count: int):
         self.path, self.count, self.index = path, count, 0
-        self.seconds = json.loads(path.read_text()) if path.is_file() else {}
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        # stages.json of an older demo held the wall seconds alone
+        self.records = {name: record if isinstance(record, dict) else {"wall_s": record}
+                        for name, record in saved.items()}
         self.reused = []
 
     def start(self, title):
@@ -125,12 +147,21 @@ class Stages:
 
     @contextlib.contextmanager
     def work(self, name, resumed=False):
-        """Time the block; a resumed stage adds to the time its earlier part took."""
-        start = time.perf_counter()
+        """Time the block; a resumed stage adds to what its earlier parts took, and keeps their loads."""
+        load_start, wall_start, cpu_start = os.getloadavg()[0], time.perf_counter(), cpu_seconds()
         yield
-        earlier = self.seconds.get(name, 0.0) if resumed else 0.0
-        self.seconds[name] = earlier + time.perf_counter() - start
-        self.path.write_text(json.dumps(self.seconds, indent=2) + "\n")
+        wall, cpu, load_end = time.perf_counter() - wall_start, cpu_seconds() - cpu_start, os.getloadavg()[0]
+        earlier = self.records.get(name, {}) if resumed else {}
+        earlier_cpu = earlier.get("cpu_s", None if earlier else 0.0)  # None: an older demo did not measure it
+        self.records[name] = {
+            "wall_s": earlier.get("wall_s", 0.0) + wall,
+            "cpu_s": None if earlier_cpu is None else earlier_cpu + cpu,
+            # the 1-minute load average at the start and the end of each part of the stage
+            "load_1min": [*earlier.get("load_1min", []), [load_start, load_end]],
+        }
+        self.path.write_text(json.dumps(self.records, indent=2) + "\n")
+        print(f"  {name}: {report.format_duration(wall)} wall, {report.format_duration(cpu)} CPU; "
+              f"load average {load_start:.1f} at the start, {load_end:.1f} at the end", flush=True)
 
 
 def call(command, entry_point, argv):
@@ -204,7 +235,8 @@ def segment_ends(steps, fid_every):
 def train_argv(paths: DemoPaths, settings, run, end):
     argv = ["--preset", "demo", "--guidance", RUNS[run], "--data-dir", str(paths.dataset),
             "--results-dir", str(paths.runs), "--run-name", run, "--seed", str(settings["seed"]),
-            "--max-steps", str(end), "--global-batch-size", str(settings["batch_size"])]
+            "--max-steps", str(end), "--global-batch-size", str(settings["batch_size"]),
+            "--keep-last", str(KEEP_LAST)]
     if end < settings["steps"]:
         argv += ["--eval-every", str(end), "--eval-ref", str(paths.reference_stats),
                  "--eval-samples", str(settings["samples"]), "--eval-steps", str(settings["sampling_steps"])]
@@ -254,6 +286,25 @@ def evaluate_run(paths: DemoPaths, settings, stages, run):
         call("python -m evaluations.evaluator", evaluator.main, argv)
 
 
+def classify_samples(paths: DemoPaths, settings, stages):
+    stages.start("classify: the share of each run's samples a classifier of real images assigns to their class")
+    if paths.classifier.is_file():
+        return stages.reuse("classify", paths.classifier)
+    with stages.work("classify"):
+        samples = {}
+        for run in RUNS:
+            with np.load(paths.sample_npz(run)) as npz:
+                samples[run] = (npz["arr_0"], npz["labels"])
+        result = classifier.score(settings, samples)
+        for kind, what in classifier.VIEWS.items():
+            shares = ", ".join(f"{run} {report.format_share(result['runs'][run][kind])}" for run in RUNS)
+            print(f"  {what}: held-out real images {report.format_share(result['held_out'][kind])}; "
+                  f"samples: {shares}", flush=True)
+        partial = paths.classifier.with_name(f".{paths.classifier.name}.partial")  # a finished stage is whole
+        partial.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(partial, paths.classifier)
+
+
 def probe_runs(paths: DemoPaths, settings, stages):
     stages.start("probe: linear probes of both runs' features per block and noise level")
     if (paths.probe / "probe.json").is_file():
@@ -269,6 +320,7 @@ def probe_runs(paths: DemoPaths, settings, stages):
 
 
 STAGES_PER_RUN = ("train", "sample", "evaluate")
+SHARED_STAGES = ("data", "preprocessing", "reference", "classify", "probe", "report")
 
 
 def main(argv=None):
@@ -279,8 +331,7 @@ def main(argv=None):
     paths = DemoPaths(args.output_dir)
     claim_output_dir(paths, settings)
     load_at_start = os.getloadavg()
-    # data, preprocessing, reference; train, sample, evaluate per run; probe, report
-    stages = Stages(paths.stage_times, count=3 + len(STAGES_PER_RUN) * len(RUNS) + 2)
+    stages = Stages(paths.stage_times, count=len(SHARED_STAGES) + len(STAGES_PER_RUN) * len(RUNS))
 
     make_images(paths, settings, stages)
     preprocess_images(paths, settings, stages)
@@ -290,11 +341,12 @@ def main(argv=None):
     for run in RUNS:
         sample_run(paths, settings, stages, run)
         evaluate_run(paths, settings, stages, run)
+    classify_samples(paths, settings, stages)
     probe_runs(paths, settings, stages)
 
     stages.start("report")
     elapsed = time.perf_counter() - start
-    report_path = report.write_report(paths, settings, stages.seconds, elapsed, stages.reused,
+    report_path = report.write_report(paths, settings, stages.records, elapsed, stages.reused,
                                       (load_at_start, os.getloadavg()))
     reused = f" (reused from an earlier run: {', '.join(stages.reused)})" if stages.reused else ""
     print(f"\ndemo finished in {report.format_duration(elapsed)}{reused}")

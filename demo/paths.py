@@ -20,6 +20,7 @@ class DemoPaths:
         self.runs = self.root / "runs"
         self.samples = self.root / "samples"
         self.probe = self.root / "probe"
+        self.classifier = self.root / "classifier.json"  # the samples' class shares (demo/classifier.py)
         self.report = self.root / "report.md"
 
     def run_dir(self, run):

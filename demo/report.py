@@ -1,6 +1,7 @@
 """The demo's report: report.md with loss.png, fid.png and the sample grids, from the files the
 stages left in the output directory (train.py's metrics.jsonl and config.json, the evaluator's JSON,
-the samples' .npz, analysis' probe.json). Rewritten on every run; it reads, never recomputes."""
+the samples' .npz, classifier.json, analysis' probe.json and pca.png, stages.json). Rewritten on every
+run; it reads, never recomputes."""
 import json
 import os
 import platform
@@ -24,6 +25,8 @@ GRID_SCALE = 4  # screen pixels per image pixel: 16-pixel images are tiny otherw
 GRID_GAP = 2  # pixels between images, after scaling
 FIGURE_INCHES = (10, 3.6)
 DPI = 120
+CLASSIFIER_VIEWS = ("rgb", "shape")  # demo/classifier.py's VIEWS, in the order of the report's columns
+LOAD_CHANGE = 0.5  # a change of the 1-minute load average that the report points out
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -123,6 +126,10 @@ def _number(value, digits=2):
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def _duration(seconds):
+    return "—" if seconds is None else format_duration(seconds)
+
+
 def setup_section(settings, record):
     """record: the SRA run's config.json (sections, see configs/schema.py)."""
     data, objective, optim, sra = record["data"], record["objective"], record["optim"], record["guidance"]
@@ -153,37 +160,70 @@ def setup_section(settings, record):
     ]
 
 
-def results_section(settings, stage_seconds, loss_lines, evaluations):
+def results_section(settings, loss_lines, evaluations, classes):
+    """classes: classifier.json (demo/classifier.py), or None before that stage has run."""
     rows = [
         "## Results", "",
-        f"| run | steps | training wall time | img/s | final generative loss | final alignment loss "
-        f"| FID-{settings['samples']} | sFID | precision | recall |",
+        f"| run | steps | final generative loss | final alignment loss | FID-{settings['samples']} | sFID "
+        "| precision | recall | samples in their class: colour and shape | samples in their class: shape alone |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run, lines in loss_lines.items():
         last = lines[-1]
         metrics = evaluations[run] or {}
         align = _number(last["align"], 4) if RUNS[run] != "none" else "—"
-        images_per_second = statistics.median(line["img_per_s"] for line in lines)
-        train_seconds = stage_seconds.get(f"train {run}", 0.0)
+        shares = [format_share(classes["runs"][run][kind]) if classes else "—" for kind in CLASSIFIER_VIEWS]
         rows.append(
-            f"| {RUN_LABELS[run]} | {last['step']} | {format_duration(train_seconds)} "
-            f"| {images_per_second:.0f} | {last['gen_loss']:.4f} | {align} "
+            f"| {RUN_LABELS[run]} | {last['step']} | {last['gen_loss']:.4f} | {align} "
             f"| {_number(metrics.get('fid'))} | {_number(metrics.get('sfid'))} "
-            f"| {_number(metrics.get('precision'), 3)} | {_number(metrics.get('recall'), 3)} |"
+            f"| {_number(metrics.get('precision'), 3)} | {_number(metrics.get('recall'), 3)} "
+            f"| {' | '.join(shares)} |"
         )
     rows += [
         "",
-        "Training wall time is the whole train.py stage (start-up, checkpoints, sample grids and the FID "
-        "during training included); img/s is train.py's median over its log windows. The final losses are "
-        f"those of the last log window. FID-{settings['samples']} from {settings['samples']} samples sits "
-        "far above FID-50K and moves by a few points between seeds: compare the two runs with each "
-        "other, never with a paper.",
+        f"The final losses are those of the last log window. FID-{settings['samples']} from "
+        f"{settings['samples']} samples sits far above FID-50K and moves by a few points between seeds: "
+        "compare the two runs with each other, never with a paper. The class shares are explained below.",
         "",
         "![loss curves](loss.png)",
         "",
     ]
     return rows
+
+
+def format_share(result):
+    """classifier.share's {share, stderr, n} as '87.3% ± 2.7% (n = 150)'."""
+    return f"{100 * result['share']:.1f}% ± {100 * result['stderr']:.1f}% (n = {result['n']})"
+
+
+def classifier_section(classes):
+    if classes is None:
+        return ["## Samples in their class", "", "The classify stage has not finished.", ""]
+    views = classes["views"]
+    rows = [
+        "## Samples in their class", "",
+        f"A small CNN trained on the {classes['train_images']} training images (demo/classifier.py, "
+        f"{classes['steps']} Adam steps on one CPU thread) names the class of each sample; the share it assigns "
+        "to the class the sample was drawn for, ± its binomial standard error √(p(1−p)/n), measures how "
+        "recognizable the samples are. Every class has its own hue, so a second classifier sees only "
+        "each pixel's brightness (max of R, G, B, the same for every hue) and must recognize the shape. "
+        f"Chance is {100 * classes['chance']:.0f}%. The first row is each classifier's own accuracy on "
+        f"{classes['held_out_images']} held-out real images (used neither for training nor for FID).", "",
+        f"| images | {views['rgb']} | {views['shape']} |", "|---|---|---|",
+        f"| held-out real images | {format_share(classes['held_out']['rgb'])} "
+        f"| {format_share(classes['held_out']['shape'])} |",
+    ]
+    for run in RUNS:
+        rows.append(f"| {RUN_LABELS[run]} samples | {format_share(classes['runs'][run]['rgb'])} "
+                    f"| {format_share(classes['runs'][run]['shape'])} |")
+    names = [shape for shape, _ in dataset.CLASSES]
+    rows += ["", f"Per class, {views['shape']} (%; — where a run drew no sample of the class):", "",
+             "| run | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for run in RUNS:
+        cells = ["—" if value is None else f"{100 * value:.0f}"
+                 for value in classes["runs"][run]["shape"]["per_class"]]
+        rows.append(f"| {RUN_LABELS[run]} | " + " | ".join(cells) + " |")
+    return rows + [""]
 
 
 def fid_section(points, has_figure):
@@ -212,7 +252,7 @@ def samples_section(settings):
     ]
 
 
-def probe_section(probe):
+def probe_section(probe, has_pca):
     if probe is None:
         return ["## Representation probe", "", "The probe stage has not finished.", ""]
     rows_by_key = {(r["checkpoint"], r["block"], r["t"]): r["top1"] for r in probe["results"]}
@@ -229,27 +269,83 @@ def probe_section(probe):
         cells = [f"{100 * rows_by_key[(run, block, t)]:.0f}" for t in times for run in RUNS]
         rows.append(f"| {block} | " + " | ".join(cells) + " |")
     rows += ["", "![probe comparison](probe/compare.png)", ""]
+    if has_pca:
+        rows += [
+            "PCA of the block tokens (the paper's Figure 2, left), EMA weights: each row is one held-out image "
+            "at one noise level; the first column is the model's input x_t, then one picture per block, "
+            "one square per token, coloured by the first three principal components of that block's tokens "
+            "(red, green, blue). Tokens of similar colour have similar features; a picture whose colours follow "
+            "the shape means the block separates the shape from the background.", "",
+            "![PCA of block tokens](probe/pca.png)", "",
+        ]
     return rows
 
 
-def timing_section(stage_seconds, elapsed, reused, loads):
+def _load_text(parts):
+    return "; ".join(f"{start:.1f} → {end:.1f}" for start, end in parts) if parts else "—"
+
+
+def training_cost_section(settings, stage_records, loss_lines):
     rows = [
-        "## Wall time", "",
-        f"Stages together: {format_duration(sum(stage_seconds.values()))}; "
+        "## Training cost", "",
+        "| run | wall time | CPU time | wall s/step | CPU s/step | img/s: median window, fastest window "
+        "| load average (1 min) at start → end |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run, lines in loss_lines.items():
+        record = stage_records.get(f"train {run}", {})
+        wall, cpu = record.get("wall_s"), record.get("cpu_s")
+        speeds = [line["img_per_s"] for line in lines]
+        rows.append(
+            f"| {RUN_LABELS[run]} | {_duration(wall)} | {_duration(cpu)} "
+            f"| {_number(None if wall is None else wall / settings['steps'])} "
+            f"| {_number(None if cpu is None else cpu / settings['steps'])} "
+            f"| {statistics.median(speeds):.0f}, {max(speeds):.0f} | {_load_text(record.get('load_1min'))} |"
+        )
+    loads = [value for run in RUNS for part in stage_records.get(f"train {run}", {}).get("load_1min", [])
+             for value in part]
+    spread = max(loads) - min(loads) if loads else 0.0
+    if spread >= LOAD_CHANGE:
+        verdict = (f"The load average changed by {spread:.1f} during the two runs, so neither their wall times nor "
+                   "their CPU times compare fairly; the fastest windows come closest.")
+    else:
+        verdict = f"The load average stayed within {LOAD_CHANGE} during both runs."
+    rows += [
+        "",
+        "Times are each run's whole train.py stage: start-up, checkpoints, sample grids and the FID during "
+        "training included (the first run also pays the process's one-time start-up costs); per step is "
+        "divided by the steps. img/s is train.py's own, over its log windows of training alone: the median "
+        "window, and the fastest, the one least slowed by other programs. Wall time and img/s depend on what "
+        "else runs on the machine, and so does CPU time (this process's, all threads): torch's threads keep "
+        "their cores busy while they wait for each other, and they wait longer when other programs take the "
+        f"cores, so a busy machine inflates CPU time too. {verdict} An SRA step does more work than a "
+        "baseline step: the EMA teacher's partial forward.",
+        "",
+    ]
+    return rows
+
+
+def timing_section(stage_records, elapsed, reused, loads):
+    walls = [record["wall_s"] for record in stage_records.values()]
+    cpus = [record.get("cpu_s") for record in stage_records.values()]
+    cpu_total = _duration(sum(cpus)) if None not in cpus else "—"
+    rows = [
+        "## Time per stage", "",
+        f"Stages together: {format_duration(sum(walls))} wall, {cpu_total} CPU; "
         f"this invocation: {format_duration(elapsed)}"
         + (f" (reused: {', '.join(reused)})" if reused else "") + ".",
-        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-        f"Python {platform.python_version()}; "
-        f"load average (1/5/15 min) {'/'.join(f'{x:.1f}' for x in loads[0])} at the start of this "
-        f"invocation and {'/'.join(f'{x:.1f}' for x in loads[1])} at its end. The CPU is shared with "
-        "whatever else runs; a busy machine makes every stage slower.", "",
-        "| stage | wall time |", "|---|---|",
+        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"Python {platform.python_version()}. Each stage's load average is the one measured when it ran; "
+        f"this invocation started at {'/'.join(f'{x:.1f}' for x in loads[0])} and ended at "
+        f"{'/'.join(f'{x:.1f}' for x in loads[1])} (1/5/15 min). A busy machine makes every stage slower.", "",
+        "| stage | wall time | CPU time | load average (1 min) at start → end |", "|---|---|---|---|",
     ]
-    rows += [f"| {name} | {format_duration(seconds)} |" for name, seconds in stage_seconds.items()]
+    rows += [f"| {name} | {_duration(record['wall_s'])} | {_duration(record.get('cpu_s'))} "
+             f"| {_load_text(record.get('load_1min'))} |" for name, record in stage_records.items()]
     return rows + [""]
 
 
-def write_report(paths: DemoPaths, settings, stage_seconds, elapsed, reused, loads):
+def write_report(paths: DemoPaths, settings, stage_records, elapsed, reused, loads):
     """Figures and report.md in paths.root; returns the report's path."""
     loss_lines, points, evaluations = {}, {}, {}
     for run in RUNS:
@@ -263,18 +359,21 @@ def write_report(paths: DemoPaths, settings, stage_seconds, elapsed, reused, loa
     if has_fid_figure:
         plot_fid(points, settings["samples"], paths.figure("fid.png"))
     config = read_json(paths.run_dir("sra") / "config.json")
+    classes = read_json(paths.classifier)
 
     lines = [
         "# SRA demo: baseline vs SRA on the built-in shapes", "",
         "The whole pipeline at toy size (python -m demo): data → preprocessing → reference statistics → "
         "train.py (baseline, then SRA, same seed and budget) → sample_ddp.py → evaluations.evaluator → "
-        "python -m analysis → this report.", "",
+        "a classifier of real images (demo/classifier.py) → python -m analysis → this report.", "",
         *setup_section(settings, config),
-        *results_section(settings, stage_seconds, loss_lines, evaluations),
+        *results_section(settings, loss_lines, evaluations, classes),
+        *training_cost_section(settings, stage_records, loss_lines),
         *fid_section(points, has_fid_figure),
         *samples_section(settings),
-        *probe_section(read_json(paths.probe / "probe.json")),
-        *timing_section(stage_seconds, elapsed, reused, loads),
+        *classifier_section(classes),
+        *probe_section(read_json(paths.probe / "probe.json"), (paths.probe / "pca.png").is_file()),
+        *timing_section(stage_records, elapsed, reused, loads),
     ]
     paths.report.write_text("\n".join(lines))
     return paths.report

@@ -49,35 +49,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--input",
         required=True,
         type=Path,
-        help="image folder: one subfolder per class (label = sorted subfolder index)",
+        metavar="DIR",
+        help="image folder: one subfolder per class (label = sorted subfolder index) (required)",
     )
-    parser.add_argument("--output", required=True, type=Path, help="dataset folder to create or resume")
     parser.add_argument(
-        "--resolution", type=int, default=DEFAULT_RESOLUTION, help="side of the ADM center crop"
+        "--output", required=True, type=Path, metavar="DIR", help="dataset folder to create or resume (required)"
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=DEFAULT_RESOLUTION,
+        metavar="N",
+        help="side of the ADM center crop, in pixels (default: %(default)s)",
     )
     parser.add_argument(
         "--vae",
         default=DEFAULT_VAE,
-        help=f"AutoencoderKL hub id or local directory; '{PIXEL_SPACE}' stores pixels",
+        metavar="ID_OR_DIR",
+        help=f"AutoencoderKL hub id or local directory; '{PIXEL_SPACE}' stores pixels (default: %(default)s)",
     )
-    parser.add_argument("--flip", action="store_true", help="also store the horizontal mirror of every image")
+    parser.add_argument(
+        "--flip", action="store_true", help="also store the horizontal mirror of every image (default: off)"
+    )
     parser.add_argument(
         "--keep-images",
         action="store_true",
         help="also store the clean center-cropped image of every sample, uint8 (REPA's encoder input); "
-        f"with --vae {PIXEL_SPACE} the samples are the images and nothing more is written",
+        f"with --vae {PIXEL_SPACE} the samples are the images and nothing more is written (default: off)",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per encoding batch, per process"
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        metavar="N",
+        help="images per encoding batch, per process (default: %(default)s)",
     )
     parser.add_argument(
-        "--num-workers", type=int, default=DEFAULT_NUM_WORKERS, help="image decoding processes, per process"
+        "--num-workers",
+        type=int,
+        default=DEFAULT_NUM_WORKERS,
+        metavar="N",
+        help="image decoding processes, per process; 0 decodes in the main process (default: %(default)s)",
     )
     parser.add_argument(
         "--images-per-shard",
         type=int,
         default=DEFAULT_IMAGES_PER_SHARD,
-        help="source images per output shard (the unit of resumption)",
+        metavar="N",
+        help="source images per output shard, the unit of resumption (default: %(default)s)",
     )
     args = parser.parse_args(argv)
     if args.batch_size <= 0:

@@ -34,9 +34,9 @@ def frechet_distance_eigh(sample, reference):
 
 
 def run_quietly(argv):
-    """(the demo's return value, what it printed)."""
+    """(the demo's return value, what it printed on stdout and stderr: progress bars go to stderr)."""
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
         result = run_demo(argv)
     return result, printed.getvalue()
 
@@ -65,11 +65,13 @@ def test_smoke_run_writes_every_artefact(smoke):
     assert report == output_dir / "report.md"
     assert printed.rstrip().splitlines()[-1] == f"report: {report}"
     for name in ("report.md", "loss.png", "fid.png", "samples_reference.png", "samples_baseline.png",
-                 "samples_sra.png", "probe/probe.json", "probe/compare.png", "reference/stats.npz"):
+                 "samples_sra.png", "probe/probe.json", "probe/compare.png", "probe/pca.png", "reference/stats.npz",
+                 "classifier.json"):
         assert (output_dir / name).stat().st_size > 0, name
     text = report.read_text()
     for run in RUNS:
-        assert (output_dir / "runs" / run / "checkpoints" / "step_0000004.pt").is_file()
+        # only the checkpoint later stages use: the final one (step 2 resumed the run, then was pruned)
+        assert [path.name for path in (output_dir / "runs" / run / "checkpoints").glob("*.pt")] == ["step_0000004.pt"]
         with np.load(output_dir / "samples" / f"{run}.npz") as samples:
             assert samples["arr_0"].shape == (8, 16, 16, 3) and samples["arr_0"].dtype == np.uint8
         metrics = json.loads((output_dir / "samples" / f"{run}_metrics.json").read_text())
@@ -82,6 +84,49 @@ def test_smoke_run_writes_every_artefact(smoke):
         assert fid_line["step"] == 2 and math.isfinite(fid_line["fid8"])
         assert [line["step"] for line in lines if "loss" in line] == [2, 4]  # each train.py call's last step
     assert "FID-8" in text and "## Representation probe" in text
+    assert "![PCA of block tokens](probe/pca.png)" in text and "first three principal components" in text
+
+
+def test_report_shows_the_class_shares_with_their_standard_errors(smoke):
+    output_dir, report, _ = smoke
+    text = report.read_text()
+    classes = json.loads((output_dir / "classifier.json").read_text())
+    for run, label in (("baseline", "baseline"), ("sra", "SRA")):
+        for kind in ("rgb", "shape"):
+            result = classes["runs"][run][kind]
+            assert result["n"] == 8
+            assert result["stderr"] == pytest.approx(math.sqrt(result["share"] * (1 - result["share"]) / 8))
+        shares = [f"{100 * result['share']:.1f}% ± {100 * result['stderr']:.1f}% (n = 8)"
+                  for result in (classes["runs"][run]["rgb"], classes["runs"][run]["shape"])]
+        assert f"| {label} samples | {shares[0]} | {shares[1]} |" in text
+    assert classes["held_out_images"] == 500 and "held-out real images" in text
+
+
+def test_stages_record_wall_time_cpu_time_and_their_own_load(smoke):
+    output_dir, report, printed = smoke
+    stages = json.loads((output_dir / "stages.json").read_text())
+    assert {"train baseline", "train sra", "classify", "probe"} <= set(stages)
+    for name, record in stages.items():
+        assert record["wall_s"] >= 0 and record["cpu_s"] >= 0, name
+        assert all(len(part) == 2 for part in record["load_1min"]), name
+    assert len(stages["train sra"]["load_1min"]) == 2  # trained in two parts: up to the FID, then resumed
+    text = report.read_text()
+    assert "| run | wall time | CPU time | wall s/step | CPU s/step | img/s: median window, fastest window |" in text
+    assert "| stage | wall time | CPU time | load average (1 min) at start → end |" in text
+
+
+def test_progress_bars_show_only_the_loss_terms_a_run_has(smoke):
+    printed = smoke[2]
+    baseline = printed.split("] train baseline:")[1].split("] train sra:")[0]  # from stage header to header
+    sra = printed.split("] train sra:")[1].split("] sample baseline:")[0]
+    assert "loss=" in baseline and "align=" not in baseline
+    assert "loss=" in sra and "align=" in sra
+
+
+def test_sampling_prints_its_settings_once_as_one_line(smoke):
+    printed = smoke[2]
+    assert printed.count("settings: SiT-T/4, ema weights") == 2  # one line per run
+    assert '"ckpt_sha256"' not in printed
 
 
 def test_runs_differ_only_in_guidance(smoke):
@@ -103,7 +148,7 @@ def test_rerun_reuses_every_stage(smoke):
     again, printed = run_quietly([*SMOKE, "--output-dir", str(output_dir)])
     assert again == report
     assert "$ python" not in printed  # no entry point ran
-    assert printed.count("  reusing ") == 11  # data, preprocessing, 2 reference files, 2 × 3 per run, probe
+    assert printed.count("  reusing ") == 12  # data, preprocessing, 2 reference files, 2 × 3 per run, classify, probe
     assert (output_dir / "stages.json").read_text() == times
 
 
