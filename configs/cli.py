@@ -70,13 +70,16 @@ def build_parser(description=None) -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="train.py", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser._negative_number_matcher = NEGATIVE_NUMBER
-    parser.add_argument("--preset", choices=PRESET_NAMES, default=argparse.SUPPRESS,
-                        help="named starting config; flags override it (README, Presets)")
-    parser.add_argument("--dry-run", action="store_true", help="check and save the resolved config, then stop")
+    parser.add_argument("--preset", choices=PRESET_NAMES, default=argparse.SUPPRESS, metavar="NAME",
+                        help=f"named starting config; flags override it: {', '.join(PRESET_NAMES)} (README, "
+                             "Presets) (default: none)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check and save the resolved config, then stop (default: off)")
     parser.add_argument("--guidance", choices=CHOICES, default=argparse.SUPPRESS,
                         help=f"representation guidance: sra, repa, or none, the baseline (default: {DEFAULT_METHOD})")
     parser.add_argument("--sra", type=_parse_bool, metavar="{on,off}", default=argparse.SUPPRESS,
-                        help="older spelling: on is --guidance sra, off is --guidance none")
+                        help="older spelling: on is --guidance sra, off is --guidance none (default: none, "
+                             "--guidance decides)")
     titles = {"run": "run and data", "model": "model", "objective": "objective",
               "groups": "token groups: dual-time scheduling and attention separation (dts/)",
               "optim": "optimization", "output": "logging, checkpoints, samples, FID"}
@@ -100,6 +103,9 @@ def build_parser(description=None) -> argparse.ArgumentParser:
             default_text = format_value(next(iter(defaults.values())))
         group = groups[None] if name in shared else groups[methods[0]]
         _add_flag(group, field, _help(field, default_text))
+    # --data-dir is checked when the run starts (a dry run of the config alone may leave it out), so argparse
+    # sees it as optional; the usage line shows it as what a run needs.
+    parser.usage = parser.format_usage().removeprefix("usage: ").replace("[--data-dir DIR]", "--data-dir DIR")
     return parser
 
 

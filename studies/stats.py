@@ -47,7 +47,7 @@ class Comparison:
     def verdict(self) -> str:
         if self.p_value is None:
             return "n/a (needs 2+ seeds on both sides)"
-        if math.isnan(self.p_value):  # both sides without spread: equal means, or a difference of constants
+        if math.isnan(self.p_value):  # every seed gave the same value on both sides: nothing to test against
             return "no spread to test"
         return f"{'yes' if self.significant else 'no'} (p = {self.p_value:.3g})"
 
@@ -57,5 +57,7 @@ def compare(values, baseline_values) -> Comparison:
     difference = summarize(values).mean - summarize(baseline_values).mean
     if len(values) < 2 or len(baseline_values) < 2:
         return Comparison(difference, None, None)
+    if summarize(values).std == 0 and summarize(baseline_values).std == 0:  # the test's variance would be 0
+        return Comparison(difference, math.nan, None)
     p_value = float(stats.ttest_ind(values, baseline_values, equal_var=False).pvalue)
     return Comparison(difference, p_value, None if math.isnan(p_value) else p_value < ALPHA)

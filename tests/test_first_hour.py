@@ -12,6 +12,7 @@ import torch
 
 import models
 import sample_ddp
+import train
 from analysis import curves, plots
 from analysis.__main__ import main as analysis_main
 from demo import classifier, dataset
@@ -22,6 +23,7 @@ from tests.helpers import project_meta, randomize_
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {  # usage prefix: the command a user types
+    "train.py": train.main,
     "sample_ddp.py": sample_ddp.main,
     "python -m preprocessing": preprocessing_main,
     "python -m evaluations.evaluator": evaluator.main,

@@ -40,6 +40,7 @@ def test_welch_test_matches_its_closed_form():
     close = compare([30.0, 31.0], [30.5, 30.2])
     assert close.significant is False and close.verdict().startswith("no (p = ")
     assert compare([30.0], [31.0, 32.0]).verdict() == "n/a (needs 2+ seeds on both sides)"
+    assert compare([30.0, 30.0], [31.0, 31.0]).verdict() == "no spread to test"  # not p = 0 from a 0 variance
 
 
 def test_table_in_the_papers_layout():
