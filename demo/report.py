@@ -3,6 +3,7 @@ stages left in the output directory (train.py's metrics.jsonl and config.json, t
 the samples' .npz, classifier.json, analysis' probe.json and pca.png, stages.json). Rewritten on every
 run; it reads, never recomputes."""
 import json
+import math
 import os
 import platform
 import statistics
@@ -216,6 +217,7 @@ def classifier_section(classes):
     for run in RUNS:
         rows.append(f"| {RUN_LABELS[run]} samples | {format_share(classes['runs'][run]['rgb'])} "
                     f"| {format_share(classes['runs'][run]['shape'])} |")
+    rows += ["", *difference_lines(classes, views)]
     names = [shape for shape, _ in dataset.CLASSES]
     rows += ["", f"Per class, {views['shape']} (%; — where a run drew no sample of the class):", "",
              "| run | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
@@ -224,6 +226,27 @@ def classifier_section(classes):
                  for value in classes["runs"][run]["shape"]["per_class"]]
         rows.append(f"| {RUN_LABELS[run]} | " + " | ".join(cells) + " |")
     return rows + [""]
+
+
+SAMPLING_NOISE_Z = 1.96  # a difference beyond 1.96 standard errors: outside the 95 % band of sampling noise
+
+
+def difference_lines(classes, views):
+    """SRA − baseline per classifier against the sampling noise of the two shares (a two-proportion
+    z-test). This noise is the samples' only; a second training seed moves the shares too (make study)."""
+    lines = []
+    for view_name in ("rgb", "shape"):
+        sra, base = classes["runs"]["sra"][view_name], classes["runs"]["baseline"][view_name]
+        diff = sra["share"] - base["share"]
+        stderr = math.hypot(sra["stderr"], base["stderr"])
+        within = stderr == 0 or abs(diff) <= SAMPLING_NOISE_Z * stderr
+        verdict = ("within the sampling noise" if within else "larger than the sampling noise")
+        lines.append(f"- {views[view_name]}: SRA − baseline = {100 * diff:+.1f} points, standard error "
+                     f"{100 * stderr:.1f}: {verdict} (|difference| {'≤' if within else '>'} 1.96 standard errors).")
+    lines.append("- These errors count the samples' noise only. Training with another seed moves the shares "
+                 "too; `make study` (python -m demo.study) measures that spread over seeds and tests the "
+                 "difference against it.")
+    return lines
 
 
 def fid_section(points, has_figure):
@@ -268,7 +291,13 @@ def probe_section(probe, has_pca):
     for block in blocks:
         cells = [f"{100 * rows_by_key[(run, block, t)]:.0f}" for t in times for run in RUNS]
         rows.append(f"| {block} | " + " | ".join(cells) + " |")
-    rows += ["", "![probe comparison](probe/compare.png)", ""]
+    n = probe["results"][0]["val_samples"]
+    widest = 100 * math.sqrt(0.25 / n)  # the binomial standard error at p = 0.5, its largest
+    rows += ["", f"Each cell is a share of n = {n} held-out images, so its binomial standard error "
+             f"√(p(1−p)/n) is at most {widest:.0f} points; a difference between the two runs at one cell is "
+             f"beyond this sampling noise only above 1.96·√2 standard errors (up to {1.96 * math.sqrt(2) * widest:.0f} "
+             "points at p = 0.5). It says nothing of the spread between training seeds (make study).",
+             "", "![probe comparison](probe/compare.png)", ""]
     if has_pca:
         rows += [
             "PCA of the block tokens (the paper's Figure 2, left), EMA weights: each row is one held-out image "

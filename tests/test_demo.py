@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from demo import dataset
 from demo.__main__ import main as run_demo
 from demo.__main__ import segment_ends
 from demo.report import GRID_GAP, GRID_SCALE, class_grid
+from demo.study import main as demo_study
 from errors import UserError
 from evaluations import evaluator, features
 from evaluations.metrics import FIDStatistics, frechet_distance
@@ -150,6 +152,31 @@ def test_rerun_reuses_every_stage(smoke):
     assert "$ python" not in printed  # no entry point ran
     assert printed.count("  reusing ") == 12  # data, preprocessing, 2 reference files, 2 × 3 per run, classify, probe
     assert (output_dir / "stages.json").read_text() == times
+
+
+def test_the_seed_study_tabulates_every_seeds_results(smoke, tmp_path):
+    """demo.study over two seeds whose demos are finished: seed 0 is the smoke run, seed 1 a copy of it
+    that says seed 1 (its stages are all reused), so the table's arithmetic can be checked by hand."""
+    output_dir = smoke[0]
+    root = tmp_path / "study"
+    for seed in (0, 1):
+        shutil.copytree(output_dir, root / f"seed{seed}")
+    settings_file = root / "seed1" / "demo.json"
+    settings_file.write_text(json.dumps({**json.loads(settings_file.read_text()), "seed": 1}))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        rows = demo_study(["--seeds", "0", "1", "--output-dir", str(root), *SMOKE])
+    by_key = {(row["setting"], row["metric"]): row for row in rows}
+    classes = json.loads((output_dir / "classifier.json").read_text())
+    for run in RUNS:
+        fid = json.loads((output_dir / "samples" / f"{run}_metrics.json").read_text())["fid"]
+        assert by_key[(run, "fid8")]["mean"] == pytest.approx(fid) and by_key[(run, "fid8")]["n"] == 2
+        share = by_key[(run, "class share, shape (%)")]
+        assert share["mean"] == pytest.approx(100 * classes["runs"][run]["shape"]["share"]) and share["std"] == 0
+    assert by_key[("sra", "fid8")]["verdict"] == "no spread to test"  # two equal seeds: nothing to test
+    table = (root / "table.md").read_text()
+    assert "| sra | 2 |" in table and "Welch" in table and "- seed 1: baseline fid8" in table
+    with pytest.raises(UserError, match="--seed: set by the study"):
+        demo_study(["--seed", "3"])
 
 
 def test_other_settings_in_the_same_directory_are_refused(smoke):
