@@ -1,4 +1,4 @@
-"""What a new user meets first (issue 18): help that shows every default, outputs under results/, plots
+"""What a new user meets first: help that shows every default, outputs under results/, plots
 that name what they show, and the demo's sample classifier."""
 import contextlib
 import io
