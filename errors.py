@@ -2,7 +2,8 @@
 
 A wrong path, a flag out of range, a mismatched checkpoint or a malformed file raises `UserError`
 with a message that names the problem. The entry points (`train.py`, `sample_ddp.py`,
-`python -m preprocessing`, `python -m evaluations.evaluator`, `python -m analysis`, `python -m demo`)
+`python -m preprocessing`, `python -m evaluations.evaluator`, `python -m evaluations.clip_score`,
+`python -m analysis`, `python -m demo`)
 run their `main` through `run_cli`, which prints that message as one line, `error: …`, and exits
 with code 2, as argparse does for a bad flag. Any other exception is a bug and keeps its traceback.
 """

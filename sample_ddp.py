@@ -1,14 +1,18 @@
-"""Sample N images from a DiT/SiT checkpoint into one `.npz` for the ADM evaluator (evaluations/).
+"""Sample N images from a DiT/SiT/MMDiT checkpoint into one `.npz` for the ADM evaluator (evaluations/).
 
     torchrun --nproc_per_node=8 sample_ddp.py --ckpt results/sit-xl2-sra/checkpoints/step_4000000.pt \\
         --preset sit-xl2-sra-256-cfg
     python sample_ddp.py --ckpt DiT-XL-2-256x256.pt --model DiT-XL/2 --num-samples 1000   # one process
+    torchrun --nproc_per_node=8 sample_ddp.py --ckpt results/mmdit-coco-sra/checkpoints/step_0150000.pt \\
+        --preset mmdit-coco-ode50 --captions coco/annotations/captions_val2014.json   # text to image
 
 The file goes to results/samples/ (git-ignored, like every tool's output) under a name derived from
 the settings; --output-dir or --output choose another place.
 
-Each sample's noise (the initial noise and a stochastic sampler's) and label depend on (--seed, its
-index) only, so the images do not depend on the number of processes or the batch size. Rerunning the
+Each sample's noise (the initial noise and a stochastic sampler's) and condition (its label, or its
+caption from --captions) depend on (--seed, its index) only, so the images do not depend on the number
+of processes or the batch size. A text model's `.npz` also holds each sample's caption (`captions`) and
+its position in the captions file (`caption_index`), for the CLIP score and PickScore. Rerunning the
 same command after an interruption resumes: finished batches are kept and the final file is identical
 to an uninterrupted run's.
 """
@@ -21,7 +25,10 @@ import torch
 from tqdm import tqdm
 
 import models
+import sampling
+from conditioning import CLASS, TEXT
 from errors import ArgumentParser, UserError, run_cli
+from preprocessing.text import DEFAULT_TEXT_ENCODER, load_text_encoder
 from sampling import (
     DEFAULT_VAE,
     DEFAULTS,
@@ -91,6 +98,13 @@ def parse_args(argv=None):
                                              "(default: %(default)s)")
     flag("--balanced-classes", action="store_true",
          help="each class num_samples / num_classes times (default: off, labels uniform at random)")
+    flag("--captions", metavar="FILE",
+         help="text models: captions to draw from, one image uniformly then one of its captions per sample "
+              "(COCO annotation JSON, a JSON {image: captions} or path<TAB>caption lines) (default: none; "
+              "required for text models)")
+    flag("--text-encoder", metavar="ID_OR_DIR",
+         help="text models: the CLIP text encoder of the captions; it must be the one the model was trained "
+              f"with (default: the checkpoint's training encoder, else {DEFAULT_TEXT_ENCODER})")
     flag("--vae", metavar="ID_OR_DIR",
          help=f"VAE hub id or local directory, or '{NO_VAE}' for pixel-space models "
               f"(default: the checkpoint's training VAE, else {DEFAULT_VAE})")
@@ -122,6 +136,8 @@ def resolve_settings(args) -> dict:
     settings = resolve(args.preset, overrides)
     settings.update(seed=args.seed, balanced_classes=args.balanced_classes,
                     per_proc_batch_size=args.per_proc_batch_size, vae_batch_size=args.vae_batch_size)
+    if args.captions is not None and not Path(args.captions).is_file():
+        raise UserError(f"--captions {args.captions}: no such file")
     check_numbers(settings)
     return settings
 
@@ -161,7 +177,35 @@ def fill_sampler(settings, objective, family):
         raise UserError(f"--ddim-eta applies to the ddim sampler, not {settings['sampler']}")
 
 
-def image_settings(args, settings, loaded, decoder, image_size, device) -> dict:
+def condition_source(args, settings, loaded, info, device):
+    """Each index's condition: labels for a class-conditional model; for a text model, captions from
+    --captions through the training run's text encoder (checked by content against the checkpoint)."""
+    family = models.family_of(loaded.name)
+    if family.condition == CLASS:
+        if args.captions is not None or args.text_encoder is not None:
+            raise UserError(f"--captions and --text-encoder are for text-conditioned models; {loaded.name} is "
+                            "conditioned on class labels")
+        return sampling.condition_source(CLASS, settings["seed"], settings["num_samples"],
+                                         num_classes=loaded.model.num_classes, balanced=settings["balanced_classes"])
+    if args.captions is None:
+        raise UserError(f"{loaded.name} is conditioned on text: pass --captions FILE (e.g. COCO's "
+                        "captions_val2014.json)")
+    if settings["balanced_classes"]:
+        raise UserError(f"--balanced-classes is for class-conditional models; {loaded.name} is conditioned on text")
+    trained = info.get("condition") or {}
+    encoder = load_text_encoder(args.text_encoder or trained.get("text_encoder") or DEFAULT_TEXT_ENCODER, device)
+    if trained.get("text_encoder_sha256") not in (None, encoder.weights_sha256):
+        raise UserError(f"{args.ckpt} was trained on contexts of the text encoder {trained.get('text_encoder')} "
+                        f"(weights sha256 {trained['text_encoder_sha256'][:12]}); {encoder.name} has other weights "
+                        f"({encoder.weights_sha256[:12]})")
+    if encoder.dim != loaded.model.context_dim:
+        raise UserError(f"the text encoder {encoder.name} gives {encoder.dim}-wide contexts; {loaded.name} takes "
+                        f"{loaded.model.context_dim}")
+    return sampling.condition_source(TEXT, settings["seed"], settings["num_samples"], captions=args.captions,
+                                     encoder=encoder)
+
+
+def image_settings(args, settings, loaded, decoder, image_size, device, source) -> dict:
     """Everything that decides the images: a rerun must match it to reuse finished batches."""
     record = {
         # The weights are identified by content: weights retrained into the same path (even of the same
@@ -179,7 +223,7 @@ def image_settings(args, settings, loaded, decoder, image_size, device) -> dict:
         record[key] = settings[key]
     if settings["sampler"] == "ddim":
         record["ddim_eta"] = settings["ddim_eta"]
-    return record
+    return {**record, **source.identity()}
 
 
 def output_path(args, settings, loaded) -> Path:
@@ -194,6 +238,8 @@ def output_path(args, settings, loaded) -> Path:
         name += f"-ch{settings['cfg_channels']}"
     if settings["balanced_classes"]:
         name += "-balanced"
+    if args.captions is not None:
+        name += f"-{Path(args.captions).stem}"
     name += f"-{settings['rounding']}-seed{settings['seed']}-{settings['num_samples']}"
     return Path(args.output_dir) / f"{name}.npz"
 
@@ -247,11 +293,12 @@ def build(args, settings, device):
     fill_sampler(settings, objective, models.model_family(loaded.name))
     decoder = load_decoder(args.vae, info, device)
     image_size = check_compatible(loaded.model, decoder, args.image_size, settings["cfg_scale"])
-    record = image_settings(args, settings, loaded, decoder, image_size, device)
+    source = condition_source(args, settings, loaded, info, device)
+    record = image_settings(args, settings, loaded, decoder, image_size, device, source)
     sample_shape = (loaded.model.in_channels, loaded.model.input_size, loaded.model.input_size)
     autocast = device.type == "cuda" and args.mixed_precision == "bf16"
     sample_batch = BatchSampler(model.to(device), sample_shape, objective, decoder, settings, device,
-                                autocast)
+                                autocast, source)
     return sample_batch, loaded, record
 
 
@@ -262,10 +309,10 @@ def run_batches(sample_batch, batches, store, png_dir, rank, world_size):
     progress = tqdm(total=made, unit="img", unit_scale=world_size if world_size > 1 else False,
                     disable=rank != 0, dynamic_ncols=True, desc=f"sampling ({world_size} × rank 0)")
     for start, end in batches:
-        images, labels = sample_batch(start, end)
+        images, records = sample_batch(start, end)
         if png_dir is not None:
             save_pngs(images, start, png_dir)
-        store.write(start, images, labels)  # after the PNGs: a finished shard implies its PNGs
+        store.write(start, images, records)  # after the PNGs: a finished shard implies its PNGs
         progress.update(end - start)
     progress.close()
     return made
@@ -284,7 +331,7 @@ def sample(args, settings, rank, world_size, device):
             print(f"{npz_path} is already complete")
         return {"npz": npz_path, "settings": record, "made": 0}
 
-    store = ShardStore(npz_path.with_suffix(".work"))
+    store = ShardStore(npz_path.with_suffix(".work"), sample_batch.source.record_key)
     store.check_settings(record)
     png_dir = npz_path.with_suffix("") if args.save_png else None
     if rank == 0:
@@ -306,7 +353,7 @@ def sample(args, settings, rank, world_size, device):
     seconds = time.perf_counter() - start_time
     made = int(sum_over_processes(made, device))
     if rank == 0:
-        store.assemble(settings["num_samples"], npz_path)
+        store.assemble(settings["num_samples"], npz_path, sample_batch.source.extra_arrays)
         write_settings(settings_path, record)
         store.remove()
         processes = f"{world_size} process{'es' if world_size > 1 else ''}"

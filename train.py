@@ -1,7 +1,9 @@
-"""Train DiT/SiT with representation guidance: SRA (the default), REPA, or none (the baseline).
+"""Train DiT/SiT (class labels) or MMDiT (text) with representation guidance: SRA (the default), REPA, or
+none (the baseline).
 
     accelerate launch train.py --preset sit-b2-sra --data-dir data/imagenet256-latents
     accelerate launch train.py --preset sit-b2-repa --data-dir data/imagenet256-with-images
+    accelerate launch train.py --preset mmdit-coco-sra --data-dir data/coco256
 
 Rerunning the same command resumes from the newest valid checkpoint in the run directory.
 """
@@ -22,7 +24,7 @@ from training.checkpoints import check_loadable, load_latest, own_teacher, resto
 from training.fid import InTrainingFID
 from training.guard import NonFiniteGuard
 from training.metrics import MetricsLogger
-from training.samples import grid_inputs, save_sample_grid
+from training.samples import ConditionDraws, grid_inputs, save_sample_grid
 from training.setup import build_run, check_resumable, compile_run, data_facts, run_record
 from training.step import micro_batches, train_step
 
@@ -68,7 +70,8 @@ def main(argv=None):
     dataset = open_dataset(config, accelerator)
     facts = data_facts(config, dataset, accelerator.num_processes)
     run_dir = Path(config.run.results_dir) / config.run_name
-    parts = build_run(config, facts, accelerator)
+    parts = build_run(config, facts, accelerator, dataset)
+    draws = ConditionDraws(parts.condition, dataset)
     identity = parts.guidance.identity() if parts.guidance is not None else {}
     record = run_record(config, facts, identity)
     state, state_path = resume_state(config, run_dir, record, accelerator)
@@ -79,7 +82,7 @@ def main(argv=None):
         decoder = load_decoder(output.vae, {"vae": output.vae, "data_dir": config.run.data_dir}, device)
     if output.eval_every:
         eval_fid = InTrainingFID(output.eval_ref, output.eval_samples, output.eval_batch_size, output.eval_steps,
-                                 dataset.meta["sample_shape"], facts.num_classes, accelerator,
+                                 dataset.meta["sample_shape"], draws, accelerator,
                                  image_size=facts.input_size * decoder.downsample)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -110,8 +113,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         logger = MetricsLogger(run_dir, record, config.run_name, start_step, output.tensorboard, output.wandb)
         if output.sample_every:
-            grid_z, grid_y = grid_inputs(output.sample_grid_size, dataset.meta["sample_shape"], facts.num_classes,
-                                         device)
+            grid_z, grid_y = grid_inputs(output.sample_grid_size, dataset.meta["sample_shape"], draws, device)
 
     # The loop. Metrics stay on the device between log steps, so the loop never waits on the host.
     window = torch.zeros(3, device=device)

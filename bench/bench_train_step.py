@@ -22,6 +22,8 @@ the process's peak resident set size (which includes the ~0.3 GB of Python and t
     python bench/bench_train_step.py --model SiT-XL/2 --batch-size 32 --precision bf16 --memory
     python bench/bench_train_step.py --model SiT-B/2 --input-size 16 --batch-size 8 --variants sra sra-dts-as \
         sra-dts-as-dense --memory   # SRA against the release's newest setting, same model and batch
+    python bench/bench_train_step.py --model MMDiT-D24/2 --batch-size 32 --precision bf16 --variants none sra \
+        sra-full --memory   # text to image: MMDiT on 77 CLIP tokens (random contexts of CLIP ViT-L/14's width)
 """
 
 import argparse
@@ -38,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
+from conditioning import CLASS, Condition  # noqa: E402
 from configs.presets import PRESETS  # noqa: E402
 from dts import TokenGrouping, TokenGroupsConfig  # noqa: E402
 from guidance import GuidanceContext, Student, TrainingLoss  # noqa: E402
@@ -51,6 +54,8 @@ from training.step import train_step  # noqa: E402
 VARIANTS = ("none", "sra", "sra-full", "sra-full-fp32", "repa", "sra-dts-as", "sra-dts-as-dense")
 PIXEL_META = {"kind": "pixels"}  # the bench feeds ready model inputs: no latent sampling
 LATENT_DOWNSAMPLE = 8  # SD-VAE: the clean images REPA's encoder sees are 8× the latent side
+NUM_CLASSES = 1000  # ImageNet
+CONTEXT_LENGTH = 77  # CLIP's tokens per caption (text models)
 
 
 class FullDepthTeacher:
@@ -115,8 +120,22 @@ def random_encoder(grid):
     return ImageEncoder(vit, grid)
 
 
+def condition_of(model_name):
+    """The bench's condition: ImageNet's classes, or CLIP ViT-L/14-wide contexts with a zero null."""
+    if models.family_of(model_name).condition == CLASS:
+        return Condition.classes(NUM_CLASSES)
+    return Condition.text(torch.zeros(CONTEXT_LENGTH, models.mmdit.CONTEXT_DIM))
+
+
+def random_conditions(condition, n, generator):
+    if condition.kind == CLASS:
+        return torch.randint(0, condition.num_classes, (n,), generator=generator)
+    return torch.randn(n, *condition.null.shape, generator=generator)
+
+
 def build(variant, args):
-    backbone = models.create_model(args.model, args.input_size, 4, 1000)
+    condition = condition_of(args.model)
+    backbone = models.create_model(args.model, args.input_size, 4, **condition.model_options(0.1))
     ema = EMA(backbone.to(args.device))
     objective = objective_for_model(args.model)
     context = GuidanceContext(objective, ema.model, backbone, torch.device(args.device))
@@ -137,7 +156,7 @@ def build(variant, args):
         guidance = REPA(REPAConfig().resolved_for(args.model, backbone.depth), context, random_encoder(grid))
     head = guidance.build_head(backbone.hidden_size) if guidance is not None else None
     student = Student(backbone, head, guidance.student_depth if guidance else None).to(args.device).train()
-    loss_fn = TrainingLoss(objective, 0.1, 1000, guidance, grouping)
+    loss_fn = TrainingLoss(objective, 0.1, condition.to(args.device), guidance, grouping)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
     trained = student
     if args.compile:
@@ -163,7 +182,7 @@ def make_stepper(variant, args):
     generator = torch.Generator().manual_seed(0)
     n, side = args.batch_size, args.input_size
     x = torch.randn(n, 4, side, side, generator=generator).to(args.device)
-    y = torch.randint(0, 1000, (n,), generator=generator).to(args.device)
+    y = random_conditions(condition_of(args.model), n, generator).to(args.device)
     images = torch.randint(0, 256, (n, 3, side * LATENT_DOWNSAMPLE, side * LATENT_DOWNSAMPLE),
                            generator=generator, dtype=torch.uint8).to(args.device)
     batch = (x, y, images) if variant == "repa" else (x, y)

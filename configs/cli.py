@@ -11,7 +11,7 @@ import re
 from errors import ArgumentParser, UserError
 from guidance import AlignmentConfig
 from guidance.registry import CHOICES, METHODS, NONE, config_class
-from models import FAMILIES, family_of
+from models import FAMILIES, DiT, family_of, model_family
 
 from .fields import ON_OFF, flag_name, format_value, value_type
 from .presets import PRESET_NAMES, PRESETS
@@ -58,11 +58,18 @@ def _add_flag(group, field, help_text):
     group.add_argument(flag_name(field.name), **kwargs)
 
 
+def _owners(field) -> tuple[str, ...] | None:
+    """The model families a setting exists for (None: every family)."""
+    if field.metadata.get("families"):
+        return tuple(field.metadata["families"])
+    scope = field.metadata.get("objective")
+    return tuple(f for f, spec in FAMILIES.items() if spec.objective == scope) if scope else None
+
+
 def _help(field, default_text=None):
     default_text = default_text if default_text is not None else format_value(field.default)
-    scope = field.metadata.get("objective")
-    owners = "/".join(f for f, spec in FAMILIES.items() if spec.objective == scope)
-    where = f"; {owners} models only" if scope else ""
+    owners = _owners(field)
+    where = f"; {'/'.join(owners)} models only" if owners else ""
     return f"{field.metadata['help']} (default: {default_text}{where})"
 
 
@@ -130,7 +137,6 @@ def _method(given: dict, preset_values: dict) -> str:
 def _ignored(given: dict, method: str, model_name: str) -> list[str]:
     """What the user asked for that this run would not use."""
     sections, guidance_fields = _section_fields(), _guidance_fields()
-    family = family_of(model_name)
     problems = []
     for name in given:
         field = sections[name][1] if name in sections else guidance_fields[name][0]
@@ -138,16 +144,17 @@ def _ignored(given: dict, method: str, model_name: str) -> list[str]:
             problems.append(f"{flag_name(name)} does not apply to --guidance {method} "
                             f"(it is a setting of {', '.join(guidance_fields[name][1])})")
             continue
-        scope = field.metadata.get("objective")
-        if scope and scope != family.objective:
-            owners = "/".join(f for f, spec in FAMILIES.items() if spec.objective == scope)
-            problems.append(f"{flag_name(name)} applies to {owners} models, not {model_name}")
+        owners = _owners(field)
+        if owners and model_family(model_name) not in owners:
+            problems.append(f"{flag_name(name)} applies to {'/'.join(owners)} models, not {model_name}")
     return problems
 
 
 def _check_groups(groups, given: dict, model_name: str) -> None:
-    """Token groups train flow models only; the teacher's group settings need groups."""
-    if groups.enabled and family_of(model_name).objective != "flow":
+    """Token groups train SiT only (flow models with one token stream); the teacher's group settings need
+    groups."""
+    family = family_of(model_name)
+    if groups.enabled and (family.objective != "flow" or family.backbone is not DiT):
         raise UserError(f"token groups (--mask-ratio) train flow-matching models (SiT), not {model_name}")
     unused = [flag_name(name) for name in ("teacher_t", "teacher_mask") if name in given]
     if unused and not groups.enabled:

@@ -9,16 +9,17 @@ import dataclasses
 ON_OFF = ("on", "off")
 
 
-def option(default, help, *, choices=None, type=None, objective=None, minimum=None, maximum=None,
+def option(default, help, *, choices=None, type=None, objective=None, families=None, minimum=None, maximum=None,
            exclusive_minimum=False):
     """A config field with its flag's help and checks.
 
     choices: the accepted values (bool fields take on/off); type: how a flag's text is parsed when the
     default does not tell (a None default); objective: "flow" or "ddpm" when the setting exists only
-    for that family's objective (a flag given for the other family is refused); minimum/maximum: the
+    for the families of that objective (a flag given for another family is refused); families: the model
+    families (models.FAMILIES keys) the setting exists for, where that is narrower; minimum/maximum: the
     closed range of a number (exclusive_minimum: the minimum itself is refused).
     """
-    metadata = {"help": help, "choices": choices, "type": type, "objective": objective,
+    metadata = {"help": help, "choices": choices, "type": type, "objective": objective, "families": families,
                 "minimum": minimum, "maximum": maximum, "exclusive_minimum": exclusive_minimum}
     return dataclasses.field(default=default, metadata=metadata)
 

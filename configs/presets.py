@@ -8,6 +8,7 @@ block pair, REPA's depth) come from their tables at start-up.
 """
 STEPS_400K = 400_000  # the paper's ablation length (§4, Table 3.2); REPA's 400K-iteration tables
 STEPS_800_EPOCHS = 4_000_000  # 800 ImageNet epochs at batch 256 ≈ 1,281,167·800/256 (SiT-XL/2 + SRA, 1.58 FID)
+STEPS_150K = 150_000  # the SRA paper's text-to-image table: MMDiT on MS-COCO after 150K iterations (§3.3)
 
 # (family, size) -> what the paper trains for it
 _PAPER_RUNS = {
@@ -48,6 +49,17 @@ PRESETS["sit-b2-sra-dts-as"] = {
 PRESETS["sit-b2-sra-no-head"] = {**PRESETS["sit-b2-sra"], "projection_head": False}  # Table 3.2, PH. off
 PRESETS["sit-b2-sra-teacher-ssl"] = {**PRESETS["sit-b2-sra"], "teacher_update": "ssl_cosine"}  # Appendix F
 PRESETS["sit-b2-sra-teacher-copy"] = {**PRESETS["sit-b2-sra"], "teacher_update": "copy"}  # Appendix F
+
+# Text to image (SPEC §8; the paper's §3.3, following REPA's train_t2i.py): MMDiT-D24/2 (REPA's depth 24, width
+# 768) on MS-COCO 2014 256 px latents with CLIP ViT-L/14 contexts (`python -m preprocessing --captions …`);
+# linear path, velocity, uniform t, caption dropout 0.1 to the empty caption, batch 256, lr 1e-4: the
+# defaults. 150K iterations, the paper's table. SRA "without any hyperparameter tuning": SRA's defaults
+# (λ 0.2, smooth-L1, Δ ~ U(0, 0.2), EMA teacher 0.9999) and the block pair of the ¼ / ¾ rule, 6 → 18 of 24
+# blocks (sra/defaults.py). REPA with its train_t2i.py settings: DINOv2 ViT-B/14, depth 8, λ 0.5 (its data
+# needs the clean images: preprocess with --keep-images).
+PRESETS["mmdit-coco"] = {"model": "MMDiT-D24/2", "max_steps": STEPS_150K, "guidance": "none"}
+PRESETS["mmdit-coco-sra"] = {**PRESETS["mmdit-coco"], "guidance": "sra"}
+PRESETS["mmdit-coco-repa"] = {**PRESETS["mmdit-coco"], "guidance": "repa"}
 
 PRESETS["debug"] = {
     "model": "SiT-T/2",

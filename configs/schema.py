@@ -8,7 +8,7 @@ import dataclasses
 
 from dts.config import TokenGroupsConfig
 from errors import UserError
-from models import MODEL_NAMES, SIZES, family_of, parse_model_name
+from models import MODEL_NAMES, family_of, model_shape
 from transport.objective import TIME_SAMPLINGS
 from transport.paths import PATHS
 from transport.predictions import PREDICTIONS
@@ -41,16 +41,16 @@ class RunConfig(Section):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(Section):
-    model: str = option("SiT-B/2", "backbone, {DiT,SiT}-{T,S,B,L,XL}/{2,4,8}; DiT trains with DDPM, SiT with "
-                        "flow matching", choices=MODEL_NAMES)
-    class_dropout_prob: float = option(0.1, "label dropout for classifier-free guidance (SPEC §1)",
-                                       minimum=0.0, maximum=0.99)
+    model: str = option("SiT-B/2", "backbone, {DiT,SiT}-{T,S,B,L,XL}/{2,4,8} (class labels) or MMDiT-D{6,12,24}/"
+                        "{2,4,8} (text); DiT trains with DDPM, SiT and MMDiT with flow matching", choices=MODEL_NAMES)
+    class_dropout_prob: float = option(0.1, "condition dropout for classifier-free guidance: the label, or the "
+                                       "caption (SPEC §1, §8)", minimum=0.0, maximum=0.99)
     qk_norm: bool = option(False, "LayerNorm on queries and keys (REPA's SiT option)")
     learn_sigma: bool | None = option(None, "predict the variance range too (default: DiT on, SiT off)", type=bool)
 
     @property
     def depth(self) -> int:
-        return SIZES[parse_model_name(self.model)[1]][0]
+        return model_shape(self.model)[0]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,15 +31,15 @@ class TokenGroupsConfig:
 
     mask_ratio: tuple = option(
         (), "split each image's tokens at random into groups of these shares: 0.25 is 1/4 and 3/4 (the release's "
-        "value), 0.5,0.3,0.2 three groups; 0 or none is one group", type=parse_ratios, objective="flow")
+        "value), 0.5,0.3,0.2 three groups; 0 or none is one group", type=parse_ratios, families=("SiT",))
     dual_time_scheduling: bool = option(
         False, "draw each group's time independently, so the conditioning is per token (needs --mask-ratio)",
-        objective="flow")
+        families=("SiT",))
     attention_separation: bool = option(
-        False, "tokens attend only to tokens of their own group (needs --mask-ratio)", objective="flow")
+        False, "tokens attend only to tokens of their own group (needs --mask-ratio)", families=("SiT",))
     full_sample_prob: float = option(
         0.0, "share of images that stay whole, every token in the second group (two groups only)",
-        minimum=0.0, maximum=1.0, objective="flow")
+        minimum=0.0, maximum=1.0, families=("SiT",))
 
     def __post_init__(self):
         problem = check_range(self)

@@ -2,11 +2,14 @@
 
     python -m evaluations.evaluator REF.npz SAMPLE.npz [--softmax-weights pt_inception-2015-12-05.pth]
     python -m evaluations.evaluator REF_FOLDER --save-ref-stats REF_STATS.npz
+    python -m evaluations.evaluator coco/val2014 --center-crop 256 --save-ref-stats coco_val256.npz
 
 REF is an ADM reference batch (`arr_0` images plus `mu, sigma, mu_s, sigma_s`, whose statistics are
 used as they are) or any image `.npz`/folder (statistics computed, and saved with --save-ref-stats,
 with the image size). SAMPLE is an `.npz` with `arr_0` uint8 (N, H, W, 3) or a folder, of the same
 image size as REF. Prints the lines of ADM's script and writes them to a JSON file beside SAMPLE.
+Folders of differently sized images (COCO) are read with --center-crop N: each image ADM-center-cropped
+to N x N, the crop the training data gets.
 """
 
 import argparse
@@ -90,6 +93,15 @@ def build_parser():
         "tensor file or .npy) (default: none, and the Inception Score is reported unavailable)",
     )
     parser.add_argument(
+        "--center-crop",
+        type=int,
+        default=None,
+        metavar="N",
+        help="ADM-center-crop every image of a REF or SAMPLE folder to N x N as it is read, as the training "
+        "data is (for folders of differently sized images, e.g. COCO val2014); an .npz is never cropped and "
+        "must hold N x N images already (default: none, and a folder's images must share one size)",
+    )
+    parser.add_argument(
         "--save-ref-stats",
         type=Path,
         default=None,
@@ -125,6 +137,8 @@ def parse_args(argv=None):
         raise UserError(f"--num-samples {args.num_samples}: at least 2 are needed (FID needs a covariance)")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: at least 1 is needed")
+    if args.center_crop is not None and args.center_crop < 1:
+        raise UserError(f"--center-crop {args.center_crop}: the crop size must be at least 1 pixel")
     check_device(args.device)
     for flag, path in [("--save-ref-stats", args.save_ref_stats), ("--output-json", args.output_json)]:
         if path is not None and not path.parent.is_dir():  # found now, not after the Inception passes
@@ -160,7 +174,7 @@ def print_metrics(metrics):
 
 def open_inputs(args):
     """Every input checked before any network work: reference, sample, their image sizes, weight files."""
-    reference = open_images(args.ref_batch)
+    reference = open_images(args.ref_batch, args.center_crop)
     if reference.num_images <= NEIGHBOURHOOD_SIZE:
         raise UserError(
             f"{args.ref_batch}: {reference.num_images} reference images; precision and recall need more than "
@@ -175,7 +189,7 @@ def open_inputs(args):
         )
     sample = None
     if args.sample_batch is not None:
-        sample = open_images(args.sample_batch)
+        sample = open_images(args.sample_batch, args.center_crop)
         if sample.num_images < args.num_samples:
             count = sample.num_images
             hint = f"pass --num-samples {count} to use them all" if count >= 2 else "FID needs at least 2"
@@ -236,6 +250,7 @@ def main(argv=None):
         "num_samples": args.num_samples,
         "reference_image_size": list(reference.image_shape[:2]),
         "sample_image_size": list(sample.image_shape[:2]),
+        "center_crop": args.center_crop,
         "reference_statistics": "read from REF" if saved_statistics else "computed",
         "inception_weights": str(weights),
         "softmax_weights": None if args.softmax_weights is None else str(args.softmax_weights),

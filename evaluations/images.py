@@ -2,7 +2,9 @@
 
 Both yield uint8 (B, H, W, 3) numpy batches. Every check runs when a source is opened, before any
 network work: the key, dtype and shape of `arr_0`, the statistics keys, and folder image sizes; an image
-whose data turns out corrupt while it is decoded stops the run with a UserError as well.
+whose data turns out corrupt while it is decoded stops the run with a UserError as well. A folder of
+differently sized images (COCO's val2014) is read with a crop size: each image is ADM-center-cropped to
+N x N as it is decoded, the crop the training data gets (`preprocessing.image.center_crop_adm`).
 """
 
 import zipfile
@@ -13,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from errors import UserError
+from preprocessing.image import center_crop_adm, load_rgb
 
 from .inception import POOL_DIM, SPATIAL_DIM
 from .metrics import FIDStatistics
@@ -110,6 +113,14 @@ def read_rgb(file):
         raise UserError(f"{file}: corrupt image ({error})") from error
 
 
+def read_center_cropped(file, crop_size):
+    """(crop_size, crop_size, 3) uint8: the whole file decoded to RGB, then ADM-center-cropped."""
+    try:
+        return center_crop_adm(load_rgb(file), crop_size)
+    except OSError as error:  # PIL's error for truncated or damaged image data
+        raise UserError(f"{file}: corrupt image ({error})") from error
+
+
 def header_image_size(file):
     """(width, height) from the image header; the pixels are decoded later, batch by batch."""
     try:
@@ -120,38 +131,61 @@ def header_image_size(file):
 
 
 class FolderImages:
-    """Every image file directly in a folder, sorted by name, decoded to RGB; all must share one size."""
+    """Every image file directly in a folder, sorted by name, decoded to RGB. Without `crop_size` all must
+    share one size; with it, each is ADM-center-cropped to `crop_size` x `crop_size`, whatever its size."""
 
-    def __init__(self, path):
+    def __init__(self, path, crop_size=None):
         self.path = Path(path)
+        self.crop_size = crop_size
         self.files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
             raise UserError(f"{self.path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
         sizes = {}
-        for file in self.files:
+        for file in self.files:  # every header is read, so an unreadable file is found now
             sizes.setdefault(header_image_size(file), file)
+        self.num_images = len(self.files)
+        if crop_size is not None:
+            self.image_shape = (crop_size, crop_size, 3)
+            return
         if len(sizes) > 1:
             examples = ", ".join(f"{file.name} is {h}x{w}" for (w, h), file in list(sizes.items())[:3])
             raise UserError(
-                f"{self.path}: images differ in size (height x width: {examples}); center-crop them to one size first"
+                f"{self.path}: images differ in size (height x width: {examples}); center-crop them to one size "
+                "first, or pass --center-crop N to have each ADM-center-cropped to N x N as it is read"
             )
         ((width, height),) = sizes
-        self.num_images = len(self.files)
         self.image_shape = (height, width, 3)
+
+    def read(self, file):
+        """One image as (H, W, 3) uint8, center-cropped where the folder was opened with a crop size."""
+        return read_rgb(file) if self.crop_size is None else read_center_cropped(file, self.crop_size)
 
     def batches(self, batch_size, num_images):
         for start in range(0, num_images, batch_size):
             files = self.files[start : min(start + batch_size, num_images)]
-            yield np.stack([read_rgb(file) for file in files])
+            yield np.stack([self.read(file) for file in files])
 
 
-def open_images(path):
-    """An image source for an `.npz` file or a folder, validated."""
+def open_images(path, crop_size=None):
+    """An image source for an `.npz` file or a folder, validated.
+
+    `crop_size` N (the evaluator's --center-crop): a folder's images are ADM-center-cropped to N x N as
+    they are read; an `.npz` is accepted only if its images are N x N already, as it is never cropped.
+    """
     path = Path(path)
+    if crop_size is not None and crop_size < 1:
+        raise ValueError(f"crop size {crop_size}: at least 1 is needed")
     if path.is_dir():
-        return FolderImages(path)
+        return FolderImages(path, crop_size)
     check_npz_file(path, "an .npz archive or a folder of images")
-    return NpzImages(path)
+    images = NpzImages(path)
+    if crop_size is not None and images.image_shape[:2] != (crop_size, crop_size):
+        raise UserError(
+            f"{path}: --center-crop {crop_size} crops the images of folders only, and this .npz holds "
+            f"{format_size(images.image_shape[:2])} images; save them cropped to {crop_size}x{crop_size}, "
+            "or leave --center-crop out"
+        )
+    return images
 
 
 def read_array(npz, key, path):

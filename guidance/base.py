@@ -109,7 +109,7 @@ class AlignmentInputs:
     x0: Tensor  # (N, C, H, W) the clean model input
     eps: Tensor  # (N, C, H, W) the noise in the student's x_t
     t: Tensor  # (N,) the student's time, in the objective's units; (N, G) one per group with token groups
-    y: Tensor  # (N,) the labels the student saw (after CFG dropout)
+    y: Tensor  # (N,) labels or (N, L, D) text contexts: the condition the student saw (after CFG dropout)
     images: Tensor | None  # (N, 3, R, R) uint8 clean images; only for methods with needs_images
     groups: object = None  # dts.DrawnGroups: the student's token groups and their times (dual-time), or None
 

@@ -1,6 +1,7 @@
 """The training loss, written once for every objective and every guidance method (SPEC §3 step 7).
 
-Per step, for clean inputs x0 and labels y: labels are dropped for CFG once; the student sees x_t at
+Per step, for clean inputs x0 and conditions y (class labels or text contexts, conditioning/): y is
+dropped to its null for CFG once; the student sees x_t at
 time t and yields its prediction and (with guidance) its projected block-k_s tokens in one pass; the
 method computes its target without gradients; L = L_gen + λ·mean over tokens of the distance.
 With token groups (dts/), t is one time per group and every token is noised, conditioned and
@@ -9,7 +10,7 @@ regressed at its own group's time.
 import torch
 import torch.nn as nn
 
-from models import drop_labels
+from conditioning import as_condition
 
 from .base import AlignmentInputs
 
@@ -40,19 +41,22 @@ class TrainingLoss:
     """L = L_gen + λ·L_align; with `guidance=None`, the plain DiT/SiT loss, drawing the same random
     numbers for everything the two share."""
 
-    def __init__(self, objective, class_dropout_prob, null_class, guidance=None, grouping=None):
-        """grouping: a dts.TokenGrouping for dual-time scheduling / attention separation, or None."""
+    def __init__(self, objective, dropout_prob, condition, guidance=None, grouping=None):
+        """dropout_prob: the share of samples trained on the null condition (CFG); condition: a
+        conditioning.Condition (or, for class labels, the null class index); grouping: a dts.TokenGrouping
+        for dual-time scheduling / attention separation, or None."""
         self.objective = objective
-        self.class_dropout_prob = class_dropout_prob
-        self.null_class = null_class
+        self.dropout_prob = dropout_prob
+        self.condition = as_condition(condition)
         self.guidance = guidance
         self.grouping = grouping
 
     def __call__(self, student, x0, y, weight, images=None):
-        """student: a `Student` (possibly wrapped for data parallelism); images: the clean uint8 images,
+        """student: a `Student` (possibly wrapped for data parallelism); y: the batch's conditions (N,) or
+        (N, L, D); images: the clean uint8 images,
         for methods that need them. Returns 0-d tensors: loss, gen, align (align is 0 without guidance)."""
         objective = self.objective
-        y = drop_labels(y, self.class_dropout_prob, self.null_class)
+        y = self.condition.drop(y, self.dropout_prob)
         drawn = groups = None
         if self.grouping is None:
             t = where = objective.sample_time(x0.shape[0], x0.device)  # (N,)

@@ -1,4 +1,4 @@
-"""Backbones: one transformer for DiT and SiT, its registry, checkpoint loading and CFG."""
+"""Backbones: one transformer for DiT and SiT, MMDiT for text, their registry, checkpoint loading and CFG."""
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_FORMAT_V1,
@@ -11,11 +11,13 @@ from .checkpoint import (
     weights_sha256,
 )
 from .guidance import RELEASE_DIT_GUIDED_CHANNELS, cfg_forward, guided_model_fn
+from .mmdit import MMDiT
 from .registry import (
     DATA_AT_0,
     DATA_AT_1,
     DISCRETE_STEPS,
     FAMILIES,
+    MMDIT_SIZES,
     MODEL_NAMES,
     SIZES,
     TIME_CONVENTIONS,
@@ -23,6 +25,7 @@ from .registry import (
     create_model,
     family_of,
     model_family,
+    model_shape,
     parse_model_name,
 )
 from .transformer import DiT, TokenGroups, drop_labels
@@ -38,6 +41,8 @@ __all__ = [
     "FAMILIES",
     "Family",
     "LoadedModel",
+    "MMDIT_SIZES",
+    "MMDiT",
     "MODEL_NAMES",
     "RELEASE_DIT_GUIDED_CHANNELS",
     "SIZES",
@@ -52,6 +57,7 @@ __all__ = [
     "load_backbone_state",
     "load_checkpoint",
     "model_family",
+    "model_shape",
     "parse_model_name",
     "read_checkpoint_file",
     "weights_sha256",

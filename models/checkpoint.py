@@ -1,4 +1,5 @@
-"""Loading backbones from this project's checkpoints and from the public DiT/SiT/SRA/REPA releases.
+"""Loading backbones from this project's checkpoints and from the public DiT/SiT/SRA/REPA releases
+(REPA's MMDiT included).
 
 Key names are the public releases' (SPEC §1). A checkpoint is either a bare state dict or a dict with
 `model`/`ema` entries; `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes are stripped; the SRA
@@ -18,16 +19,18 @@ from pathlib import Path
 
 import torch
 
+from conditioning import TEXT
 from errors import UserError
 
 from .registry import (
     DATA_AT_0,
     DATA_AT_1,
     DISCRETE_STEPS,
-    SIZES,
+    FAMILIES,
     TIME_CONVENTIONS,
     create_model,
     family_of,
+    model_shape,
     parse_model_name,
 )
 
@@ -180,35 +183,62 @@ def _tensors_only(state_dict, what):
 
 
 def infer_architecture(state_dict):
-    """Shape facts of a backbone state dict: patch, channels, input size, width, depth, classes."""
+    """Shape facts of a backbone state dict: family (None where DiT and SiT cannot be told apart), patch,
+    channels, input size, width, depth, and classes (DiT/SiT) or context width (MMDiT)."""
+    if any(key.startswith("joint_blocks.") for key in state_dict):
+        return _infer_mmdit(state_dict)
     required = {"x_embedder.proj.weight": 4, "pos_embed": 3, "y_embedder.embedding_table.weight": 2,
                 "final_layer.linear.weight": 2}  # key: its number of dimensions
+    _check_keys(state_dict, required, "DiT/SiT")
+    arch = _common_architecture(state_dict, "blocks.")
+    return {
+        **arch,
+        "family": None,
+        # Public releases always carry the null-class row (trained with label dropout 0.1).
+        "num_classes": state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
+        "qk_norm": "blocks.0.attn.q_norm.weight" in state_dict,
+    }
+
+
+def _infer_mmdit(state_dict):
+    required = {"x_embedder.proj.weight": 4, "pos_embed": 3, "context_embedder.weight": 2,
+                "final_layer.linear.weight": 2}
+    _check_keys(state_dict, required, "MMDiT")
+    return {
+        **_common_architecture(state_dict, "joint_blocks."),
+        "family": "MMDiT",
+        "num_classes": 0,
+        "context_dim": state_dict["context_embedder.weight"].shape[1],
+        "qk_norm": "joint_blocks.0.x_block.attn.ln_q.weight" in state_dict,
+    }
+
+
+def _check_keys(state_dict, required, what):
     missing = [key for key in required if key not in state_dict]
     if missing:
-        raise UserError(f"not a DiT/SiT state dict: missing {missing}")
+        raise UserError(f"not a {what} state dict: missing {missing}")
     misshapen = [f"{key} {tuple(state_dict[key].shape)}" for key, ndim in required.items()
                  if state_dict[key].ndim != ndim]
     if misshapen:
-        raise UserError(f"not a DiT/SiT state dict: {', '.join(misshapen)} have the wrong number of dimensions")
+        raise UserError(f"not a {what} state dict: {', '.join(misshapen)} have the wrong number of dimensions")
+
+
+def _common_architecture(state_dict, blocks_prefix):
     hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
     tokens = state_dict["pos_embed"].shape[1]
-    depth = len({key.split(".")[1] for key in state_dict if key.startswith("blocks.")})
     out_channels = state_dict["final_layer.linear.weight"].shape[0] // (patch * patch)
     return {
         "patch_size": patch,
         "in_channels": in_channels,
         "input_size": int(round(tokens**0.5)) * patch,
         "hidden_size": hidden,
-        "depth": depth,
-        # Public releases always carry the null-class row (trained with label dropout 0.1).
-        "num_classes": state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
+        "depth": len({key.split(".")[1] for key in state_dict if key.startswith(blocks_prefix)}),
         "learn_sigma": out_channels == 2 * in_channels,
-        "qk_norm": "blocks.0.attn.q_norm.weight" in state_dict,
     }
 
 
-def _size_for(arch):
-    for size, (depth, hidden, _) in SIZES.items():
+def _size_for(arch, family):
+    for size, (depth, hidden, _) in FAMILIES[family].sizes.items():
         if (depth, hidden) == (arch["depth"], arch["hidden_size"]):
             return size
     return None
@@ -223,20 +253,25 @@ def _decide_name(model_name, metadata, arch, extras, notes):
             raise UserError(f"the checkpoint holds {held} (its metadata); --model {model_name} contradicts it")
         return held
     if model_name is not None:
-        family, expected_size, patch = parse_model_name(model_name)
-        if "projectors" in extras and family != REPA_FAMILY:
+        family, _, patch = parse_model_name(model_name)
+        if arch["family"] is not None and family != arch["family"]:
+            raise UserError(f"the checkpoint holds an {arch['family']} model (its keys); --model {model_name} "
+                            "contradicts it")
+        if arch["family"] is None and "projectors" in extras and family != REPA_FAMILY:
             raise UserError(f"the checkpoint holds a {REPA_FAMILY} model (its REPA projectors); "
                             f"--model {model_name} contradicts it")
-        depth, hidden, _ = SIZES[expected_size]
+        depth, hidden, _ = model_shape(model_name)
         if (depth, hidden, patch) != (arch["depth"], arch["hidden_size"], arch["patch_size"]):
             raise UserError(
                 f"{model_name} has depth {depth}, width {hidden}, patch {patch}, but the checkpoint has depth "
                 f"{arch['depth']}, width {arch['hidden_size']}, patch {arch['patch_size']}"
             )
         return model_name
-    size = _size_for(arch)
+    size = _size_for(arch, arch["family"] or REPA_FAMILY)  # DiT and SiT share their sizes
     if size is None:
         raise UserError(f"checkpoint depth {arch['depth']} / width {arch['hidden_size']} match no registered size")
+    if arch["family"] is not None:
+        return f"{arch['family']}-{size}/{arch['patch_size']}"
     if "projectors" in extras:
         notes.append(f"family {REPA_FAMILY}: REPA projectors present")
         return f"{REPA_FAMILY}-{size}/{arch['patch_size']}"
@@ -266,6 +301,9 @@ def _decide_time_convention(name, metadata, extras, args, override, notes):
         return metadata["time_convention"]
     if family.objective == "ddpm":
         return family.time_convention  # DiT releases and this project agree on integer steps
+    if family.condition == TEXT:
+        notes.append("time convention data_at_0: REPA's MMDiT (t = 0 is data)")
+        return DATA_AT_0
     if extras or (args is not None and hasattr(args, "encoder_depth")):
         notes.append("time convention data_at_0: SRA/REPA release (t = 0 is data)")
         return DATA_AT_0
@@ -304,6 +342,8 @@ def _build(raw, model_name, time_convention, prefer):
         options = {"learn_sigma": arch["learn_sigma"], "qk_norm": arch["qk_norm"]}
         if options["learn_sigma"] == family_of(name).learn_sigma:
             del options["learn_sigma"]
+        if "context_dim" in arch:
+            options["context_dim"] = arch["context_dim"]
         model = create_model(name, arch["input_size"], arch["in_channels"], arch["num_classes"], **options)
     load_backbone_state(model, backbone)
     return LoadedModel(model.eval(), name, convention, source, extras, metadata, notes)

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conditioning import Condition
+
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal timestep features before the MLP (DiT release)
 MAX_PERIOD = 10_000  # longest period of the timestep sinusoids (DiT release)
 MLP_RATIO = 4.0  # SPEC §1
@@ -308,11 +310,9 @@ class DiT(nn.Module):
 
 
 def drop_labels(y, prob, null_class, generator=None):
-    """Replace each label by the null class with probability `prob` (CFG training, SPEC §1)."""
-    if prob <= 0:
-        return y
-    drop = torch.rand(y.shape, device=y.device, generator=generator) < prob
-    return torch.where(drop, torch.full_like(y, null_class), y)
+    """Replace each label by the null class with probability `prob` (CFG training, SPEC §1); the class
+    case of conditioning.Condition.drop, kept for callers of this name."""
+    return Condition.classes(null_class).drop(y, prob, generator)
 
 
 def sincos_pos_embed_2d(dim, grid_size):

@@ -1,5 +1,9 @@
 """python -m preprocessing --input DIR --output DIR [--resolution 256] [--vae HUB_ID_OR_DIR | none] [--flip]
-                          [--keep-images]
+                          [--keep-images] [--captions FILE [--text-encoder HUB_ID_OR_DIR]]
+
+Without --captions the data are class-conditional: the label of an image is its class subfolder. With
+--captions (MS-COCO's captions_train2014.json, a JSON object {path: caption(s)}, or path<TAB>caption
+lines) the images are those the file lists, and their captions are encoded by the text encoder.
 
 Runs as one process, or as many under `torchrun` / `accelerate launch`: each process encodes its share
 of the unfinished shards on its own device, and the main process writes the index at the end.
@@ -20,6 +24,7 @@ from errors import ArgumentParser, UserError, run_cli
 from preprocessing import store
 from preprocessing.encode import (
     DEFAULT_IMAGES_PER_SHARD,
+    DEFAULT_TEXT_BATCH_SIZE,
     PIXEL_SPACE,
     encode_shards,
     finalize_run,
@@ -27,6 +32,7 @@ from preprocessing.encode import (
     prepare_run,
     start_run,
 )
+from preprocessing.text import DEFAULT_TEXT_ENCODER
 
 log = logging.getLogger("preprocessing")
 
@@ -50,7 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         required=True,
         type=Path,
         metavar="DIR",
-        help="image folder: one subfolder per class (label = sorted subfolder index) (required)",
+        help="image folder: one subfolder per class (label = sorted subfolder index); with --captions, any "
+        "layout holding the images the captions file lists (required)",
     )
     parser.add_argument(
         "--output", required=True, type=Path, metavar="DIR", help="dataset folder to create or resume (required)"
@@ -78,6 +85,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"with --vae {PIXEL_SPACE} the samples are the images and nothing more is written (default: off)",
     )
     parser.add_argument(
+        "--captions",
+        type=Path,
+        metavar="FILE",
+        help="text-to-image data: captions file (COCO annotation JSON, JSON {path: caption or [captions]}, or "
+        "path<TAB>caption lines; paths relative to --input); the images are those it lists "
+        "(default: none, class labels from the folder layout)",
+    )
+    parser.add_argument(
+        "--text-encoder",
+        metavar="ID_OR_DIR",
+        help=f"CLIP text encoder hub id or local directory, with --captions only (default: {DEFAULT_TEXT_ENCODER})",
+    )
+    parser.add_argument(
+        "--text-batch-size",
+        type=int,
+        default=DEFAULT_TEXT_BATCH_SIZE,
+        metavar="N",
+        help="captions per text encoder forward, per process (default: %(default)s)",
+    )
+    parser.add_argument(
         "--batch-size",
         type=int,
         default=DEFAULT_BATCH_SIZE,
@@ -103,6 +130,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
     if args.num_workers < 0:
         raise UserError(f"--num-workers must be non-negative, got {args.num_workers}")
+    if args.text_batch_size <= 0:
+        raise UserError(f"--text-batch-size must be positive, got {args.text_batch_size}")
+    if args.text_encoder is not None and args.captions is None:
+        raise UserError("--text-encoder needs --captions: without captions the data are class-conditional")
     return args
 
 
@@ -137,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.images_per_shard,
         state.device,
         keep_images=args.keep_images,
+        captions=args.captions,
+        text_encoder=args.text_encoder,
     )
     if args.keep_images and run.vae is None:
         log.info("--keep-images with --vae %s: the stored pixels are the clean images", PIXEL_SPACE)
@@ -152,10 +185,13 @@ def main(argv: list[str] | None = None) -> dict:
     pending = pending_shards(run)
     state.wait_for_everyone()  # every process has listed the unfinished shards before any is written
     if is_main:
+        records = run.folder.records
         log.info(
-            "%d images, %d classes, %d of %d shards to encode on %d process(es) into %s",
-            len(run.folder.records),
-            len(run.folder.class_names),
+            "%d images, %s, %d of %d shards to encode on %d process(es) into %s",
+            len(records),
+            f"{sum(len(record.captions) for record in records)} captions"
+            if run.is_text
+            else f"{len(run.folder.class_names)} classes",
             len(pending),
             run.num_shards,
             world_size,
@@ -168,15 +204,17 @@ def main(argv: list[str] | None = None) -> dict:
         num_workers=args.num_workers,
         device=state.device,
         progress=is_main,
+        text_batch_size=args.text_batch_size,
     )
     state.wait_for_everyone()
     if not is_main:
         return {}
     index = finalize_run(run)
     log.info(
-        "done: %d samples from %d images in %d shards; %d unreadable images skipped%s",
+        "done: %d samples from %d images%s in %d shards; %d unreadable images skipped%s",
         index["num_samples"],
         index["num_images"],
+        f" with {index['num_captions']} captions" if run.is_text else "",
         len(index["shards"]),
         index["num_skipped"],
         f" (listed in {run.output / store.SKIPPED_FILE})" if index["num_skipped"] else "",

@@ -3,11 +3,15 @@
 Work is cut into shards of a fixed number of source images. A shard is written atomically once all its
 images are encoded, so a rerun after an interruption redoes only unfinished shards: no image is lost
 or stored twice. With several processes, the unfinished shards are dealt round-robin across ranks.
+
+Text-to-image data (--captions) encode each shard's captions with the text encoder as the shard is
+written, in batches of --text-batch-size captions, and write the null context when the run finishes.
 """
 
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +21,17 @@ from tqdm import tqdm
 
 from errors import UserError
 from preprocessing import store
-from preprocessing.folder import ImageFolder, scan_image_folder
+from preprocessing.captions import captions_sha256
+from preprocessing.folder import ImageFolder, captioned_image_folder, scan_image_folder
 from preprocessing.image import center_crop_adm, load_rgb
+from preprocessing.text import (
+    CONTEXT_DTYPE,
+    DEFAULT_TEXT_ENCODER,
+    TextEncoder,
+    load_text_encoder,
+    text_encoder_id,
+    to_stored,
+)
 from preprocessing.vae import Vae, encode_moments, load_vae, vae_id
 
 log = logging.getLogger("preprocessing")
@@ -31,12 +44,32 @@ DEFAULT_IMAGES_PER_SHARD = 4096
 PIXELS_DTYPE = np.uint8  # exact and 4x smaller than float32; normalized to [-1, 1] when read
 PIXEL_SPACE = "none"  # --vae none: store pixels, train in pixel space
 MOMENTS_DTYPE = np.float16  # the issue's choice: posterior mean and std in half precision
+# Captions per text encoder forward, per process. CLIP ViT-L/14's text tower in fp32 needs ~2 GiB for 256.
+DEFAULT_TEXT_BATCH_SIZE = 256
+TEXT_ENCODER_PROTOCOL = (
+    "U-ViT FrozenCLIPEmbedder: tokenizer(padding='max_length', max_length, truncation=True), "
+    "CLIPTextModel(input_ids).last_hidden_state, fp32, stored as float16"
+)
+
+
+@dataclass(frozen=True)
+class CaptionsFile:
+    path: Path  # absolute
+    sha256: str  # of its bytes
 
 
 def run_settings(
-    folder: ImageFolder, resolution: int, vae: str, flip: bool, images_per_shard: int, keep_images: bool
+    folder: ImageFolder,
+    resolution: int,
+    vae: str,
+    flip: bool,
+    images_per_shard: int,
+    keep_images: bool,
+    captions_sha256: str | None = None,
+    text_encoder: str | None = None,
 ) -> dict:
-    """What fixes the output; a rerun into the same folder must match it exactly."""
+    """What fixes the output; a rerun into the same folder must match it exactly. The text encoder's
+    weights are compared too, once it is loaded (`text_encoder_sha256`, see `prepare_run`)."""
     return {
         "format_version": store.FORMAT_VERSION,
         "input_fingerprint": folder.fingerprint(),
@@ -46,11 +79,18 @@ def run_settings(
         "flip": flip,
         "images_per_shard": images_per_shard,
         "keep_images": keep_images,
+        "captions_sha256": captions_sha256,
+        "text_encoder": text_encoder,
     }
 
 
 # The value of a setting that a run.json written before the setting existed stands for.
-SETTINGS_ADDED_LATER = {"keep_images": False}
+SETTINGS_ADDED_LATER = {
+    "keep_images": False,
+    "captions_sha256": None,
+    "text_encoder": None,
+    "text_encoder_sha256": None,
+}
 
 
 @dataclass(frozen=True)
@@ -62,6 +102,12 @@ class Run:
     flip: bool
     images_per_shard: int
     keep_images: bool  # write image files; never with pixel space, whose samples are the images
+    captions: CaptionsFile | None = None  # text-to-image data: where the captions come from
+    text_encoder: TextEncoder | None = None  # text-to-image data: encodes them
+
+    @property
+    def is_text(self) -> bool:
+        return self.text_encoder is not None
 
     @property
     def num_shards(self) -> int:
@@ -72,14 +118,17 @@ class Run:
         return range(start, min(start + self.images_per_shard, len(self.folder.records)))
 
     def settings(self) -> dict:
-        return run_settings(
+        settings = run_settings(
             self.folder,
             self.resolution,
             self.vae.name if self.vae else PIXEL_SPACE,
             self.flip,
             self.images_per_shard,
             self.keep_images,
+            self.captions.sha256 if self.captions else None,
+            self.text_encoder.name if self.text_encoder else None,
         )
+        return settings | {"text_encoder_sha256": self.text_encoder.weights_sha256 if self.text_encoder else None}
 
     def stored_shape(self) -> tuple[int, int, int]:
         if self.vae is None:
@@ -102,10 +151,26 @@ class Run:
             f"for a mirrored sample): {where}",
         }
 
+    def _condition_description(self) -> dict:
+        if not self.is_text:
+            return {"condition": "class"}
+        encoder = self.text_encoder
+        return {
+            "condition": "text",
+            "captions_file": str(self.captions.path),
+            "captions_sha256": self.captions.sha256,
+            "text_encoder": encoder.name,
+            "text_encoder_sha256": encoder.weights_sha256,
+            "text_encoder_protocol": TEXT_ENCODER_PROTOCOL,
+            "context_shape": [encoder.max_length, encoder.dim],
+            "context_dtype": np.dtype(CONTEXT_DTYPE).name,
+        }
+
     def description(self) -> dict:
         """The metadata of the finished dataset that does not depend on which images were readable."""
         channels, height, width = self.stored_shape()
         common = {
+            **self._condition_description(),
             "resolution": self.resolution,
             "crop": "ADM center crop (guided-diffusion center_crop_arr)",
             "flip": self.flip,
@@ -176,25 +241,44 @@ def prepare_run(
     images_per_shard: int,
     device: torch.device,
     keep_images: bool = False,
+    captions: str | Path | None = None,
+    text_encoder: str | None = None,
 ) -> Run:
-    """Every check that can fail, cheapest first; raises UserError before anything is written."""
+    """Every check that can fail, cheapest first; raises UserError before anything is written.
+
+    With `captions` (a captions file, see `preprocessing.captions`), the images are those it lists and
+    each is stored with its captions encoded by `text_encoder` (default DEFAULT_TEXT_ENCODER)."""
     if resolution <= 0:
         raise UserError(f"--resolution must be positive, got {resolution}")
     if images_per_shard <= 0:
         raise UserError(f"--images-per-shard must be positive, got {images_per_shard}")
-    folder = scan_image_folder(input_dir)
+    if text_encoder is not None and captions is None:
+        raise UserError("--text-encoder needs --captions: without captions the data are class-conditional")
+    captions_file, text_name = None, None
+    if captions is None:
+        folder = scan_image_folder(input_dir)
+    else:
+        folder = captioned_image_folder(input_dir, captions)
+        captions_file = CaptionsFile(Path(captions).resolve(), captions_sha256(captions))
+        text_name = text_encoder_id(text_encoder or DEFAULT_TEXT_ENCODER)
     output = Path(output)
     pixel_space = vae_name == PIXEL_SPACE
     keep_images = keep_images and not pixel_space  # pixel samples are the images already
     vae_name = PIXEL_SPACE if pixel_space else vae_id(vae_name)
-    _check_output(output, run_settings(folder, resolution, vae_name, flip, images_per_shard, keep_images))
+    text_sha256 = captions_file.sha256 if captions_file else None
+    settings = run_settings(folder, resolution, vae_name, flip, images_per_shard, keep_images, text_sha256, text_name)
+    _check_output(output, settings)
     vae = None if pixel_space else load_vae(vae_name, device)
     if vae is not None and resolution % vae.downsample:
         raise UserError(
             f"--resolution {resolution} is not divisible by {vae.downsample}, the downsampling "
             f"factor of the VAE {vae.name} (2 ** (len(block_out_channels) - 1))"
         )
-    return Run(folder, output, resolution, vae, flip, images_per_shard, keep_images)
+    encoder = None if captions is None else load_text_encoder(text_name, device)
+    run = Run(folder, output, resolution, vae, flip, images_per_shard, keep_images, captions_file, encoder)
+    if encoder is not None:
+        _check_output(output, run.settings())  # the same weights as the run it resumes
+    return run
 
 
 def start_run(run: Run) -> None:
@@ -204,8 +288,19 @@ def start_run(run: Run) -> None:
         store.write_json(run.output / store.RUN_FILE, run.settings())
 
 
+def _shard_array_files(run: Run, shard: int) -> list[str]:
+    """The array files of a shard besides its samples: clean images, contexts."""
+    return [store.shard_images_file(shard)] * run.keep_images + [store.shard_contexts_file(shard)] * run.is_text
+
+
 def pending_shards(run: Run) -> list[int]:
-    return [shard for shard in range(run.num_shards) if not store.is_shard_done(run.output, shard)]
+    """Shards without their manifest or any of their array files: to be encoded (again)."""
+    return [
+        shard
+        for shard in range(run.num_shards)
+        if not store.is_shard_done(run.output, shard)
+        or not all((run.output / name).is_file() for name in _shard_array_files(run, shard))
+    ]
 
 
 class _ImageFiles(torch.utils.data.Dataset):
@@ -264,10 +359,17 @@ def _clean_images(run: Run, pixels: torch.Tensor) -> np.ndarray:
     return pixels.numpy()
 
 
+def _context_blocks(encoder: TextEncoder, captions: list[str], batch_size: int) -> Iterator[np.ndarray]:
+    """(n, L, D) CONTEXT_DTYPE blocks of the captions' contexts, `batch_size` captions per forward."""
+    for start in range(0, len(captions), batch_size):
+        yield to_stored(encoder.encode(captions[start : start + batch_size]))
+
+
 class _ShardBuffer:
-    def __init__(self, run: Run):
-        self.run = run
+    def __init__(self, run: Run, text_batch_size: int = DEFAULT_TEXT_BATCH_SIZE):
+        self.run, self.text_batch_size = run, text_batch_size
         self.samples, self.clean_images, self.labels, self.images, self.skipped = [], [], [], [], []
+        self.captions = []  # text data: the captions of each image in `images`
 
     def add(self, samples: np.ndarray, clean_images: np.ndarray | None, image_indices: list[int]) -> None:
         copies = 2 if self.run.flip else 1
@@ -277,6 +379,7 @@ class _ShardBuffer:
             self.clean_images.append(clean_images)
         self.labels += [record.label for record in records for _ in range(copies)]
         self.images += [record.path for record in records]
+        self.captions += [list(record.captions) for record in records]
 
     def skip(self, image_index: int, reason: str) -> None:
         self.skipped.append((self.run.folder.records[image_index].path, reason))
@@ -290,14 +393,41 @@ class _ShardBuffer:
             image_shape = (3, self.run.resolution, self.run.resolution)
             clean_images = [np.empty((0, *image_shape), store.IMAGES_DTYPE), *self.clean_images]
         store.write_shard(
-            self.run.output, shard, samples, self.labels, self.images, self.skipped, clean_images=clean_images
+            self.run.output,
+            shard,
+            samples,
+            self.labels,
+            self.images,
+            self.skipped,
+            clean_images=clean_images,
+            text=self._text() if self.run.is_text else None,
         )
+
+    def _text(self) -> store.ShardText:
+        """The shard's captions, encoded while they are written (never all in memory)."""
+        encoder, copies = self.run.text_encoder, 2 if self.run.flip else 1
+        captions = [caption for image_captions in self.captions for caption in image_captions]
+        contexts = store.RowStream(
+            len(captions),
+            (encoder.max_length, encoder.dim),
+            np.dtype(CONTEXT_DTYPE),
+            _context_blocks(encoder, captions, self.text_batch_size),
+        )
+        counts = [len(image_captions) for image_captions in self.captions for _ in range(copies)]
+        return store.ShardText(contexts, self.captions, counts)
 
 
 def encode_shards(
-    run: Run, shards: list[int], *, batch_size: int, num_workers: int, device: torch.device, progress: bool
+    run: Run,
+    shards: list[int],
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    progress: bool,
+    text_batch_size: int = DEFAULT_TEXT_BATCH_SIZE,
 ) -> None:
-    """Encode and write the given shards; unreadable images are logged and left out."""
+    """Encode and write the given shards; unreadable images are logged and left out (with their captions)."""
     batches = _shard_batches(run, shards, batch_size)
     loader = torch.utils.data.DataLoader(
         _ImageFiles(run),
@@ -306,7 +436,7 @@ def encode_shards(
         collate_fn=_as_list,
     )
     bar = tqdm(total=sum(len(images) for _, images in batches), unit="img", disable=not progress)
-    buffer = _ShardBuffer(run)
+    buffer = _ShardBuffer(run, text_batch_size)
     for position, items in enumerate(loader):
         shard = batches[position][0]
         for i, _, error in items:
@@ -320,11 +450,15 @@ def encode_shards(
             buffer.add(_encode_batch(run, pixels, device), clean_images, [i for i, _ in readable])
         if position + 1 == len(batches) or batches[position + 1][0] != shard:
             buffer.write(shard)
-            buffer = _ShardBuffer(run)
+            buffer = _ShardBuffer(run, text_batch_size)
         bar.update(len(items))
     bar.close()
 
 
 def finalize_run(run: Run) -> dict:
-    """Main process only, after every shard is written."""
-    return store.finalize(run.output, run.num_shards, run.description())
+    """Main process only, after every shard is written. Text data get their null context here: the empty
+    caption encoded alone by the main process, as sampling encodes it."""
+    if not run.is_text:
+        return store.finalize(run.output, run.num_shards, run.description())
+    null_context = to_stored(run.text_encoder.null()[None])[0]  # (L, D) CONTEXT_DTYPE
+    return store.finalize(run.output, run.num_shards, run.description(), null_context)

@@ -12,16 +12,16 @@ from configs.fields import option
 from errors import UserError
 from guidance.base import AlignmentConfig, AlignmentInputs, Guidance, GuidanceContext
 from guidance.distances import DISTANCES
-from models import parse_model_name
-from models.registry import SIZES
+from models import model_shape, parse_model_name
 
 from .encoder import DEFAULT_ENCODER, ImageEncoder, load_encoder, weights_sha256
 
 PROJ_COEFF = 0.5  # λ: REPA's --proj-coeff default and every script of its README
 PROJECTOR_DIM = 2048  # REPA's projector_dim (models/sit.py)
 # k_s, REPA's --encoder-depth: 8 for SiT-XL/2 (its README scripts) and SiT-L/2, 4 for SiT-B/2 (the REPA
-# paper's setting per model size); other sizes take the same third of the depth.
-ENCODER_DEPTHS = {"B": 4, "L": 8, "XL": 8}
+# paper's setting per model size), 8 for MMDiT-D24/2 (train_t2i.py's default and README script for MS-COCO);
+# other sizes take the same third of the depth.
+ENCODER_DEPTHS = {"B": 4, "L": 8, "XL": 8, "D24": 8}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +44,7 @@ class REPAConfig(AlignmentConfig):
     @classmethod
     def default_student_depth(cls, model_name):
         size = parse_model_name(model_name)[1]
-        return ENCODER_DEPTHS.get(size) or max(1, round(SIZES[size][0] / 3))
+        return ENCODER_DEPTHS.get(size) or max(1, round(model_shape(model_name)[0] / 3))
 
 
 def build_projector(hidden_size: int, projector_dim: int, target_dim: int) -> nn.Sequential:

@@ -1,5 +1,6 @@
-"""Sampling for FID: per-index noise and labels, presets, the checkpoint-to-images pipeline, and the
-resumable shard store behind sample_ddp.py."""
+"""Sampling for FID: per-index noise and conditions (labels or captions), presets, the checkpoint-to-images
+pipeline, and the resumable shard store behind sample_ddp.py."""
+from .conditions import CaptionList, CaptionSource, ClassSource, condition_source
 from .distributed import barrier, close_distributed, init_distributed, sum_over_processes
 from .images import ROUNDINGS, png_name, save_pngs, to_uint8
 from .pipeline import (
@@ -26,7 +27,10 @@ __all__ = [
     "PRESET_NAMES",
     "ROUNDINGS",
     "BatchSampler",
+    "CaptionList",
+    "CaptionSource",
     "ClassLabels",
+    "ClassSource",
     "Decoder",
     "ShardStore",
     "barrier",
@@ -35,6 +39,7 @@ __all__ = [
     "check_settings",
     "training_info",
     "close_distributed",
+    "condition_source",
     "derived_seed",
     "init_distributed",
     "initial_noise",

@@ -12,7 +12,7 @@ import models
 from errors import UserError
 from objectives.registry import create_objective, from_description
 from sampling.images import to_uint8
-from sampling.seeds import ClassLabels, initial_noise, sampler_generators
+from sampling.seeds import initial_noise, sampler_generators
 from transport import ReversedTime
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # SPEC §4: the decoder of the DiT, SiT, REPA and SRA evaluations
@@ -23,10 +23,11 @@ DEFAULT_FLOW = {"path": "linear", "prediction": "velocity"}  # every public SiT/
 
 def training_info(path) -> dict:
     """What this project's checkpoints say about their training, read without loading the weights
-    (memory-mapped): {"objective": {"kind", **options} or None, "vae", "data_dir"}; all None for
-    public releases. Reads both checkpoint formats (version 1 kept a flat config). The file is read
+    (memory-mapped): {"objective": {"kind", **options} or None, "vae", "data_dir", "condition" (what the
+    model is conditioned on: kind, and for text the encoder by name and content)}; all None for public
+    releases. Reads both checkpoint formats (version 1 kept a flat config). The file is read
     by the loader's weights-only unpickler: a file it refuses is a UserError here too, never skipped."""
-    info = {"objective": None, "vae": None, "data_dir": None}
+    info = {"objective": None, "vae": None, "data_dir": None, "condition": None}
     raw = models.read_checkpoint_file(path, mmap=True)
     if not isinstance(raw, dict) or raw.get("format") not in models.CHECKPOINT_FORMATS:
         return info
@@ -123,33 +124,36 @@ def check_compatible(backbone, decoder: Decoder, image_size: int | None, cfg_sca
             f"--image-size {image_size} does not fit: the model's {backbone.input_size}×"
             f"{backbone.input_size} inputs decode to {produced}×{produced} images with {decoder.name}"
         )
-    if cfg_scale != 1.0 and backbone.y_embedder.embedding_table.num_embeddings <= backbone.num_classes:
+    labels = getattr(backbone, "y_embedder", None)  # text models' null is the empty caption, always at hand
+    if cfg_scale != 1.0 and labels is not None and labels.embedding_table.num_embeddings <= backbone.num_classes:
         raise UserError("classifier-free guidance needs a null class; this model was trained without one")
     return produced
 
 
 class BatchSampler:
-    """Images of the global indices [start, end): noise and labels from the seed and the indices,
-    the objective's sampler under CFG, the decoder, uint8 rounding."""
+    """Images of the global indices [start, end): noise and conditions from the seed and the indices,
+    the objective's sampler under CFG (the condition's null as the unconditional half), the decoder,
+    uint8 rounding. `source` gives each index's condition (sampling.conditions)."""
 
     def __init__(self, model, sample_shape, objective, decoder: Decoder, settings: dict, device,
-                 autocast: bool):
+                 autocast: bool, source):
         self.model, self.sample_shape, self.objective, self.decoder = model, sample_shape, objective, decoder
-        self.settings, self.device, self.autocast = settings, device, autocast
-        self.labels = ClassLabels(settings["seed"], settings["num_samples"], model.num_classes,
-                                  settings["balanced_classes"])
+        self.settings, self.device, self.autocast, self.source = settings, device, autocast, source
+        self.condition = source.condition.to(device)
         self.sampler_options = {"eta": settings["ddim_eta"]} if settings["sampler"] == "ddim" else {}
 
     @torch.no_grad()
     def __call__(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
-        """(images (n, H, W, 3) uint8, labels (n,) int64) for the indices start..end-1."""
+        """(images (n, H, W, 3) uint8, the conditions' record (n,): labels or caption indices) for the
+        indices start..end-1."""
         s = self.settings
         indices = range(start, end)
         z = initial_noise(s["seed"], indices, self.sample_shape).to(self.device)  # (n, C, h, w)
-        y = self.labels(indices)
+        y, record = self.source(indices)
+        y = y.to(self.device)
         model_fn = models.guided_model_fn(
-            self.model, y.to(self.device), scale=s["cfg_scale"], interval=tuple(s["guidance_interval"]),
-            guide_channels=CFG_CHANNELS[s["cfg_channels"]],
+            self.model, y, scale=s["cfg_scale"], interval=tuple(s["guidance_interval"]),
+            guide_channels=CFG_CHANNELS[s["cfg_channels"]], null=self.condition.null_like(y),
         )
         generators = sampler_generators(s["seed"], indices, self.device)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
@@ -158,4 +162,4 @@ class BatchSampler:
                                        generator=generators, **self.sampler_options)
         # The decoder runs in float32, as in the DiT and REPA scripts; chunks bound its memory.
         images = torch.cat([self.decoder.decode(chunk) for chunk in x0.split(s["vae_batch_size"])])
-        return to_uint8(images, s["rounding"]), y.numpy()
+        return to_uint8(images, s["rounding"]), record

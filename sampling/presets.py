@@ -6,6 +6,7 @@ that was given override it. `None` means "the objective's own default" (sampler 
 from errors import UserError
 
 FID_NUM_SAMPLES = 50_000  # FID-50K, the protocol of the ADM, DiT, SiT and SRA tables (SPEC §5)
+MSCOCO_NUM_SAMPLES = 30_000  # FID-30K on MS-COCO val captions (U-ViT's text-to-image protocol)
 
 DEFAULTS = {
     "sampler": None,  # DiT: ddpm; SiT: sde (the objective's default_method)
@@ -41,6 +42,14 @@ PRESETS = {
     },
     "dit-xl2-256": {
         "family": "DiT", "sampler": "ddpm", "num_steps": 250, "cfg_scale": 1.0, "rounding": "nearest",
+    },
+    # SRA paper's text-to-image table (SPEC §8): ODE, 50 steps (Euler, REPA's generate_t2i.py --mode ode);
+    # CFG 1.5 on every step with the empty caption (that script's defaults); clamp-and-truncate rounding
+    # (its clamp(255·x) to uint8). 30K samples: MS-COCO's FID-30K (U-ViT's protocol); REPA's script
+    # draws 40,192, one per val image — pass --num-samples for that.
+    "mmdit-coco-ode50": {
+        "family": "MMDiT", "sampler": "euler", "num_steps": 50, "cfg_scale": 1.5, "guidance_interval": (0.0, 1.0),
+        "rounding": "floor", "num_samples": MSCOCO_NUM_SAMPLES,
     },
 }
 PRESET_NAMES = tuple(PRESETS)

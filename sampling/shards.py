@@ -73,10 +73,12 @@ def write_settings(path, settings: dict) -> None:
 
 class ShardStore:
     """The work folder of one sampling run: settings.json plus shard files `{start}-{end}.npz`, each
-    holding `images` (n, H, W, 3) uint8 and `labels` (n,) int64 of the indices [start, end)."""
+    holding `images` (n, H, W, 3) uint8 and the conditions' record (n,) int64 of the indices [start, end):
+    `labels`, or `caption_index` for text-conditioned models (`record_key`)."""
 
-    def __init__(self, work_dir):
+    def __init__(self, work_dir, record_key="labels"):
         self.work_dir = Path(work_dir)
+        self.record_key = record_key
 
     def check_settings(self, settings: dict) -> None:
         """Error if this folder holds shards made with other settings (their images would not fit)."""
@@ -107,20 +109,21 @@ class ShardStore:
             done[start:min(end, num_samples)] = True
         return done
 
-    def write(self, start: int, images: np.ndarray, labels: np.ndarray) -> None:
+    def write(self, start: int, images: np.ndarray, records: np.ndarray) -> None:
         end = start + len(images)
         path = self.work_dir / f"{start:07d}-{end:07d}.npz"
-        _write_atomic(path, lambda file: np.savez(file, images=images, labels=labels))
+        _write_atomic(path, lambda file: np.savez(file, images=images, **{self.record_key: records}))
 
-    def assemble(self, num_samples: int, path) -> None:
-        """Write `arr_0` (N, H, W, 3) uint8 and `labels` (N,) int64 in index order to `path`, atomically.
-        Shards may overlap (a rerun with another batch size); each index is taken once."""
+    def assemble(self, num_samples: int, path, extra_arrays=None) -> None:
+        """Write `arr_0` (N, H, W, 3) uint8 and the record (N,) int64 (`labels` or `caption_index`) in index
+        order to `path`, atomically, plus the arrays `extra_arrays(record)` derives from the whole record
+        (the caption texts). Shards may overlap (a rerun with another batch size); each index is taken once."""
         shards = self.shards()
         if not shards:
             raise ValueError(f"{self.work_dir} holds no samples to assemble")
         with np.load(shards[0][2]) as first:
             image_shape = first["images"].shape[1:]  # (H, W, 3)
-        labels = np.empty(num_samples, dtype=np.int64)
+        records = np.empty(num_samples, dtype=np.int64)
         images_header = npy_header((num_samples, *image_shape), np.uint8)
 
         def write(file):
@@ -128,15 +131,17 @@ class ShardStore:
                 images_entry = zipfile.ZipInfo("arr_0.npy", ZIP_TIMESTAMP)
                 with archive.open(images_entry, "w", force_zip64=True) as entry:
                     np.lib.format.write_array_header_1_0(entry, images_header)
-                    self._stream_images(shards, num_samples, entry, labels)
-                with archive.open(zipfile.ZipInfo("labels.npy", ZIP_TIMESTAMP), "w") as entry:
-                    np.lib.format.write_array_header_1_0(entry, npy_header(labels.shape, labels.dtype))
-                    entry.write(labels.tobytes())
+                    self._stream_images(shards, num_samples, entry, records)
+                arrays = {self.record_key: records, **(extra_arrays(records) if extra_arrays else {})}
+                for name, array in arrays.items():
+                    with archive.open(zipfile.ZipInfo(f"{name}.npy", ZIP_TIMESTAMP), "w") as entry:
+                        np.lib.format.write_array_header_1_0(entry, npy_header(array.shape, array.dtype))
+                        entry.write(np.ascontiguousarray(array).tobytes())
 
         _write_atomic(Path(path), write)
 
-    def _stream_images(self, shards, num_samples: int, entry, labels: np.ndarray) -> None:
-        """Write the images of indices 0..N-1 to `entry` in order and fill `labels`."""
+    def _stream_images(self, shards, num_samples: int, entry, records: np.ndarray) -> None:
+        """Write the images of indices 0..N-1 to `entry` in order and fill `records`, the per-index record."""
         next_index = 0
         for start, end, shard_path in shards:
             if start > next_index:
@@ -147,7 +152,7 @@ class ShardStore:
                 offset, count = next_index - start, min(end, num_samples) - next_index
                 images = shard["images"][offset:offset + count]  # (count, H, W, 3)
                 entry.write(np.ascontiguousarray(images).tobytes())
-                labels[next_index:next_index + count] = shard["labels"][offset:offset + count]
+                records[next_index:next_index + count] = shard[self.record_key][offset:offset + count]
             next_index += count
         if next_index != num_samples:
             raise ValueError(f"{self.work_dir} lacks the samples from index {next_index} on")

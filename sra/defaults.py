@@ -1,6 +1,5 @@
 """Per-model SRA defaults with their sources (SPEC §3, the block-pair table)."""
-from models import parse_model_name
-from models.registry import SIZES
+from models import model_shape, parse_model_name
 
 # (student block k_s, teacher block k_T), 1-based: the output of that many blocks.
 BLOCK_PAIRS = {
@@ -16,9 +15,10 @@ T_MAX = 0.2  # dynamic interval Δ ~ U(0, t_max): paper §3.2 (SiT); the DiT rel
 
 def default_block_pair(model_name, depth=None):
     """The table's pair, or the authors' rule of thumb (student ≈ ¼, teacher ≈ ¾ of the depth) for
-    sizes the table does not list (S, T) or a depth override."""
+    sizes the table does not list (S, T, every MMDiT: 6 → 18 for MMDiT-D24/2, the paper's text-to-image
+    run "without any hyperparameter tuning") or a depth override."""
     family, size, _ = parse_model_name(model_name)
     if depth is None and (family, size) in BLOCK_PAIRS:
         return BLOCK_PAIRS[(family, size)]
-    depth = depth or SIZES[size][0]
+    depth = depth or model_shape(model_name)[0]
     return max(1, int(depth / 4 + 0.5)), max(1, int(3 * depth / 4 + 0.5))

@@ -61,10 +61,10 @@ class SRAConfig(AlignmentConfig):
         type=int, minimum=1)
     teacher_t: str = option(
         "sra", "with token groups: the teacher's time per group t − Δ (sra), the smallest group time for the "
-        "whole image (self_flow), or the student's times (same)", choices=TEACHER_TIMES, objective="flow")
+        "whole image (self_flow), or the student's times (same)", choices=TEACHER_TIMES, families=("SiT",))
     teacher_mask: bool = option(
         True, "with token groups: the teacher sees the student's groups (and their attention separation); "
-        "--teacher-t sra and same need it", objective="flow")
+        "--teacher-t sra and same need it", families=("SiT",))
 
     def __post_init__(self):
         super().__post_init__()

@@ -52,8 +52,8 @@ def test_repa_presets_carry_repas_settings():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "DiT-T/2", "--path", "cosine"], "--path applies to SiT models, not DiT-T/2"),
-    (["--model", "DiT-T/2", "--time-sampling", "lognormal"], "--time-sampling applies to SiT models"),
+    (["--model", "DiT-T/2", "--path", "cosine"], "--path applies to SiT/MMDiT models, not DiT-T/2"),
+    (["--model", "DiT-T/2", "--time-sampling", "lognormal"], "--time-sampling applies to SiT/MMDiT models"),
     (["--dit-teacher-min-step", "1"], "--dit-teacher-min-step applies to DiT models, not SiT-B/2"),
     (["--guidance", "repa", "--teacher-depth", "8"], "--teacher-depth does not apply to --guidance repa"),
     (["--guidance", "none", "--t-max", "0.1"], "--t-max does not apply to --guidance none"),
@@ -107,7 +107,7 @@ def test_help_shows_every_default(capsys):
     assert "--data-dir DIR dataset written by `python -m preprocessing` (required)" in text
     assert "(default: 0.0001)" in text  # --lr
     assert "(default: sra 0.2, repa 0.5)" in text  # --align-weight differs by method
-    assert "(default: linear; SiT models only)" in text  # --path
+    assert "(default: linear; SiT/MMDiT models only)" in text  # --path
 
 
 def test_to_dict_sections():

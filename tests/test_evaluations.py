@@ -415,7 +415,9 @@ def test_a_malformed_stored_image_size_is_refused(tmp_path, image_size):
 
 
 def test_in_training_fid_refuses_reference_statistics_of_another_image_size(tmp_path, monkeypatch):
+    from conditioning import Condition
     from training import fid
+    from training.samples import ConditionDraws
 
     loads = []
     monkeypatch.setattr(fid.InceptionFeatures, "load", lambda device: loads.append(device))
@@ -424,7 +426,8 @@ def test_in_training_fid_refuses_reference_statistics_of_another_image_size(tmp_
     save_statistics(tmp_path / "unsized.npz", zero_statistics())
 
     def in_training_fid(reference, image_size):
-        return fid.InTrainingFID(tmp_path / reference, 4, 2, 2, (4, 2, 2), 10, accelerator, image_size=image_size)
+        draws = ConditionDraws(Condition.classes(10))
+        return fid.InTrainingFID(tmp_path / reference, 4, 2, 2, (4, 2, 2), draws, accelerator, image_size=image_size)
 
     with pytest.raises(UserError) as refusal:
         in_training_fid("sized.npz", 64)
@@ -595,7 +598,7 @@ def test_help_names_the_module_and_shows_every_default(capsys, monkeypatch):
     helps = {entry.split()[0].rstrip(","): " ".join(entry.split()) for entry in entries}
     assert set(helps) == {
         "-h", "--num-samples", "--batch-size", "--device", "--inception-weights", "--softmax-weights",
-        "--save-ref-stats", "--output-json",
+        "--save-ref-stats", "--output-json", "--center-crop",
     }
     for flag, help_text in helps.items():
         assert flag == "-h" or "(default: " in help_text, flag

@@ -17,7 +17,7 @@ from analysis import curves, plots
 from analysis.__main__ import main as analysis_main
 from demo import classifier, dataset
 from demo.__main__ import main as demo_main
-from evaluations import evaluator
+from evaluations import clip_score, evaluator
 from preprocessing.__main__ import main as preprocessing_main
 from tests.helpers import project_meta, randomize_
 
@@ -27,6 +27,7 @@ ENTRY_POINTS = {  # usage prefix: the command a user types
     "sample_ddp.py": sample_ddp.main,
     "python -m preprocessing": preprocessing_main,
     "python -m evaluations.evaluator": evaluator.main,
+    "python -m evaluations.clip_score": clip_score.main,
     "python -m analysis": analysis_main,
     "python -m analysis.curves": curves.main,
     "python -m demo": demo_main,

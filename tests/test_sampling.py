@@ -233,7 +233,8 @@ def test_dit_checkpoint_ddpm_and_ddim_with_release_channels(files, tmp_path, mon
     guided_model_fn = models.guided_model_fn
 
     def recording_guided_model_fn(model, y, **options):
-        guidance.append(options)
+        guidance.append({key: value for key, value in options.items() if key != "null"})
+        assert torch.equal(options["null"], torch.full_like(y, NUM_CLASSES))  # the null class
         return guided_model_fn(model, y, **options)
 
     monkeypatch.setattr(models, "guided_model_fn", recording_guided_model_fn)

@@ -82,7 +82,7 @@ CASES = {
         train.main, lambda r: train_argv(r, "--student-depth", "5", "--teacher-depth", "2"), "shallower"),
     "train: --teacher-depth 9": (train.main, lambda r: train_argv(r, "--teacher-depth", "9"), "outside"),
     "train: --path for DiT": (train.main, lambda r: train_argv(r, "--model", "DiT-T/2", "--path", "cosine"),
-                              "--path applies to SiT models"),
+                              "--path applies to SiT/MMDiT models"),
     "train: --dit-teacher-min-step for SiT": (train.main, lambda r: train_argv(r, "--dit-teacher-min-step", "1"),
                                               "applies to DiT models"),
     "train: --teacher-depth with repa": (train.main, lambda r: train_argv(r, "--guidance", "repa",

@@ -133,11 +133,15 @@ def gather_objects(obj):
 
 def checkpoint_meta(record, backbone, objective):
     """What sampling and analysis read to use a checkpoint without flags: the model spec, its time
-    convention, the objective it was trained with, and where its data came from."""
+    convention, the objective it was trained with, where its data came from, and what it is conditioned
+    on (for text, the encoder of its contexts by name and by content)."""
     meta = models.checkpoint_metadata(backbone, models.family_of(record["model"]["model"]).time_convention)
     meta["objective"] = describe(objective)
     meta["data_dir"] = record["run"]["data_dir"]
     meta["vae"] = record["output"]["vae"]
+    data = record["data"]
+    meta["condition"] = {key: data.get(key) for key in ("condition", "context_shape", "text_encoder",
+                                                         "text_encoder_sha256")}
     return meta
 
 

@@ -1,6 +1,6 @@
 """FID-K of the EMA model during training (`--eval-every`), with the ADM Inception features.
 
-Every process samples its share of the K images, always from the same noise and labels, so FID-K
+Every process samples its share of the K images, always from the same noise and conditions, so FID-K
 curves compare across steps and runs; the pool features are gathered and the main process computes
 FID against saved reference statistics (`python -m evaluations.evaluator REF --save-ref-stats OUT`).
 """
@@ -18,8 +18,9 @@ class InTrainingFID:
     """`image_size`: (height, width) or side of the decoded images; when given, and the reference file
     records the size its statistics were computed at, the two must agree."""
 
-    def __init__(self, reference_path, num_samples, batch_size, num_steps, sample_shape, num_classes,
+    def __init__(self, reference_path, num_samples, batch_size, num_steps, sample_shape, draws,
                  accelerator, image_size=None):
+        """draws: training.samples.ConditionDraws, the conditions the K samples are drawn with."""
         if num_samples % accelerator.num_processes:
             raise UserError(
                 f"--eval-samples {num_samples} is not divisible by {accelerator.num_processes} processes"
@@ -37,15 +38,14 @@ class InTrainingFID:
         self.features = InceptionFeatures.load(accelerator.device)
         self.accelerator = accelerator
         self.batch_size, self.num_steps = batch_size, num_steps
-        self.sample_shape, self.num_classes = tuple(sample_shape), num_classes
+        self.sample_shape, self.draws = tuple(sample_shape), draws
         self.share = num_samples // accelerator.num_processes
 
     def _inputs(self):
-        """This process's noise and labels: (share, C, H, W), (share,), the same at every evaluation."""
+        """This process's noise and conditions: (share, C, H, W), (share, ...), the same at every evaluation."""
         generator = torch.Generator().manual_seed(EVAL_SEED * 1_000_003 + self.accelerator.process_index)
         z = torch.randn(self.share, *self.sample_shape, generator=generator)
-        y = torch.randint(0, self.num_classes, (self.share,), generator=generator)
-        return z, y
+        return z, self.draws(self.share, generator)
 
     @torch.no_grad()
     def __call__(self, model, objective, decode):

@@ -6,6 +6,7 @@ import types
 import torch
 
 import models
+from conditioning import CLASS, of_dataset
 from configs.schema import OutputConfig
 from dts import TokenGrouping
 from errors import UserError
@@ -24,6 +25,8 @@ RESUMABLE = {
 
 # Settings added after runs were recorded: a record without one ran as if it had this value, so it
 # resumes. (Token groups are recorded only when on; these two act only with them.)
+ADDED_DATA_FACTS = {"data.condition": CLASS, "data.context_shape": None, "data.text_encoder": None,
+                    "data.text_encoder_sha256": None}  # records made before text conditioning
 ADDED_SETTINGS = {"guidance.teacher_t": "sra", "guidance.teacher_mask": True, "guidance.projection_head": True,
                   "guidance.teacher_update": "ema", "guidance.teacher_momentum_start": 0.996,
                   "guidance.teacher_momentum_steps": None}
@@ -41,11 +44,21 @@ class DataFacts:
     world_size: int
     per_gpu_batch_size: int
     steps_per_epoch: int
+    condition: str = CLASS  # what the samples are conditioned on (conditioning/): class labels or text
+    context_shape: list | None = None  # text: (L, D) of each caption's context
+    text_encoder: str | None = None  # text: the encoder of the contexts, and its weights by content
+    text_encoder_sha256: str | None = None
 
 
 def data_facts(config, dataset, world_size) -> DataFacts:
     """The data-dependent settings, with every mismatch between the config and the data reported."""
     channels, height, width = dataset.meta["sample_shape"]
+    wanted = config.family.condition
+    if dataset.condition != wanted:
+        how = ("preprocess the images with --captions and --text-encoder" if wanted != CLASS
+               else "preprocess a class folder without --captions")
+        raise UserError(f"{config.model.model} is conditioned on {wanted} but {dataset.root} holds "
+                        f"{dataset.condition}-conditioned samples; {how}")
     if height != width:
         raise UserError(f"the model needs square inputs; {dataset.root} holds {height}×{width} samples")
     patch = models.parse_model_name(config.model.model)[2]
@@ -64,6 +77,9 @@ def data_facts(config, dataset, world_size) -> DataFacts:
         num_samples=len(dataset), dataset_checksum=dataset.meta["checksum"], world_size=world_size,
         per_gpu_batch_size=optim.global_batch_size // per_step,
         steps_per_epoch=max(len(dataset) // optim.global_batch_size, 1),
+        condition=dataset.condition,
+        context_shape=None if dataset.context_shape is None else list(dataset.context_shape),
+        text_encoder=dataset.meta.get("text_encoder"), text_encoder_sha256=dataset.meta.get("text_encoder_sha256"),
     )
 
 
@@ -86,7 +102,7 @@ def _flat(record, prefix=""):
 def check_resumable(saved: dict, record: dict) -> None:
     """Refuse to continue a run whose saved record differs in anything but RESUMABLE settings; the data
     may move (run.data_dir) as long as its content (data.dataset_checksum) is the same."""
-    old, new = _flat(saved), _flat(record)
+    old, new = {**ADDED_DATA_FACTS, **_flat(saved)}, {**ADDED_DATA_FACTS, **_flat(record)}
     if old.get("guidance.method") == "sra":
         old = {**ADDED_SETTINGS, **old}
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE)
@@ -97,23 +113,24 @@ def check_resumable(saved: dict, record: dict) -> None:
                         "use another --run-name, or the original flags")
 
 
-def build_model(config, facts: DataFacts):
+def build_model(config, facts: DataFacts, condition):
     model = config.model
-    return models.create_model(model.model, facts.input_size, facts.in_channels, facts.num_classes,
-                               class_dropout_prob=model.class_dropout_prob, qk_norm=model.qk_norm,
-                               learn_sigma=model.learn_sigma)
+    return models.create_model(model.model, facts.input_size, facts.in_channels, qk_norm=model.qk_norm,
+                               learn_sigma=model.learn_sigma, **condition.model_options(model.class_dropout_prob))
 
 
-def build_run(config, facts: DataFacts, accelerator):
+def build_run(config, facts: DataFacts, accelerator, dataset):
     """Model, EMA, objective, guidance, loss and optimizer, freshly initialized.
 
+    `condition` (conditioning.Condition) is what the samples are conditioned on, with its null, on the device;
     `student` is the plain module (backbone and head) used for the EMA update and checkpoints;
     `trained` shares its parameters and runs the step (data-parallel); `teacher` is the EMA whose model
     the guidance method reads (`ema` itself, a separate one, or None without guidance)."""
     # Every process initializes the same weights (the EMA copy is taken before data parallelism
     # would broadcast them), then draws its own training noise.
     torch.manual_seed(config.run.seed)
-    backbone = build_model(config, facts)
+    condition = of_dataset(dataset).to(accelerator.device)
+    backbone = build_model(config, facts, condition)
     ema = EMA(backbone, config.optim.ema_decay)
     ema.model.to(accelerator.device)
     # The teacher is the sampled EMA, unless the method's teacher follows a rule of its own (SRA's
@@ -138,8 +155,9 @@ def build_run(config, facts: DataFacts, accelerator):
     grouping = None
     if config.groups.enabled:
         grouping = TokenGrouping(config.groups, objective, backbone.num_patches, backbone.patch_size)
-    loss_fn = TrainingLoss(objective, config.model.class_dropout_prob, facts.num_classes, guidance, grouping)
-    return types.SimpleNamespace(student=student, trained=trained, ema=ema, teacher=teacher, objective=objective,
+    loss_fn = TrainingLoss(objective, config.model.class_dropout_prob, condition, guidance, grouping)
+    return types.SimpleNamespace(condition=condition, student=student, trained=trained, ema=ema, teacher=teacher,
+                                 objective=objective,
                                  guidance=guidance, loss_fn=loss_fn, optimizer=optimizer,
                                  scaler=accelerator.scaler)
 

@@ -3,18 +3,19 @@ import contextlib
 
 import torch
 
+from conditioning import to_model_input
 from preprocessing.dataset import sample_model_input
 
 
 def train_step(batches, meta, loss_fn, trained, optimizer, scaler, accelerator, weight, max_grad_norm):
-    """One optimizer step over the micro-batches in `batches` ((x, y) or (x, y, images) each).
-    Returns device tensors only (no host sync): the summed loss terms (loss, gen, align) averaged over
+    """One optimizer step over the micro-batches in `batches` ((x, y) or (x, y, images) each; y labels or
+    text contexts). Returns device tensors only (no host sync): the summed loss terms (loss, gen, align) averaged over
     micro-batches, the grad norm, and whether the step was applied (all gradients finite)."""
     accum = len(batches)
     totals = None
     for index, (x, y, *images) in enumerate(batches):
         x0 = sample_model_input(x.to(accelerator.device, non_blocking=True), meta)
-        y = y.to(accelerator.device, non_blocking=True)
+        y = to_model_input(y, accelerator.device)
         images = images[0].to(accelerator.device, non_blocking=True) if images else None
         # Gradients are all-reduced only on the last micro-batch.
         sync = contextlib.nullcontext() if index == accum - 1 else accelerator.no_sync(trained)
