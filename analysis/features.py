@@ -78,6 +78,9 @@ def load_feature_model(path, weights="ema", model_name=None, time_convention=Non
     if loaded.source != weights and not (weights == "ema" and loaded.source == "state_dict"):
         raise UserError(f"{path} has no '{weights}' weights (it holds '{loaded.source}'); "
                         "choose other --weights")
+    if models.family_of(loaded.name).condition != "class":
+        raise UserError(f"{path} holds {loaded.name}, which is conditioned on text; the probes predict class "
+                        "labels, so the analysis takes class-conditional DiT/SiT checkpoints")
     model = loaded.model.eval().requires_grad_(False)
     if model.y_embedder.embedding_table.num_embeddings <= model.num_classes:
         raise UserError(f"{path}: the model has no null class, and probing feeds the null class label")

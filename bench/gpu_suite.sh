@@ -17,6 +17,7 @@ bench() {  # limit_s, then bench_train_step.py arguments
 }
 bench 60 --model SiT-B/2 --variants none sra repa --memory
 bench 80 --model SiT-B/2 --precision fp16 --variants sra sra-dts-as sra-dts-as-dense --memory
+bench 90 --model MMDiT-D24/2 --variants none sra sra-full --memory  # text to image (needs transformers only for data)
 timeout 40 python3 bench/bench_attention_mask.py --model SiT-B/2 --batch-size 32 --dtype fp16 2>&1 \
   | grep -v Warning | tee "$OUT/attention_mask.txt"
 bench 150 --model SiT-XL/2 --memory

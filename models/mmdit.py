@@ -19,7 +19,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .transformer import ADALN_NORM_EPS, MLP_RATIO, Mlp, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+from .transformer import (
+    ADALN_NORM_EPS,
+    MLP_RATIO,
+    Mlp,
+    PatchBackbone,
+    PatchEmbed,
+    TimestepEmbedder,
+    sincos_pos_embed_2d,
+)
 
 CONTEXT_DIM = 768  # CLIP ViT-L/14's text width: REPA hard-codes context_embedder Linear(768, hidden)
 HEAD_DIM = 32  # REPA: hidden = 32·depth with depth heads
@@ -113,7 +121,7 @@ class FinalLayer(nn.Module):
         return self.linear(self.norm_final(x) * (1 + scale) + shift)
 
 
-class MMDiT(nn.Module):
+class MMDiT(PatchBackbone):
     """Text-conditioned diffusion transformer with joint attention (SD3 / REPA's MMDiT).
 
     forward(x, t, y) -> prediction (N, out_channels, H, W); y is the text context (N, L, context_dim).
@@ -128,19 +136,8 @@ class MMDiT(nn.Module):
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=768, depth=24, num_heads=24,
                  context_dim=CONTEXT_DIM, learn_sigma=False, qk_norm=False, fused_attn=True):
         super().__init__()
-        if input_size % patch_size:
-            raise ValueError(f"input size {input_size} is not divisible by patch size {patch_size}")
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden size {hidden_size} is not divisible by {num_heads} heads")
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.learn_sigma = learn_sigma
-        self.hidden_size = hidden_size
-        self.depth = depth
+        self._set_shape(input_size, patch_size, in_channels, hidden_size, depth, num_heads, learn_sigma)
         self.context_dim = context_dim
-        self.num_patches = (input_size // patch_size) ** 2
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -154,13 +151,6 @@ class MMDiT(nn.Module):
         ])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
 
-    def unpatchify(self, x):
-        """(N, T, p*p*C) -> (N, C, H, W)."""
-        p, c = self.patch_size, self.out_channels
-        h = w = int(x.shape[1] ** 0.5)
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
-
     def _embed(self, x, t, y, groups):
         if groups is not None:
             raise ValueError("MMDiT has no token groups (dual-time scheduling trains DiT/SiT backbones)")
@@ -173,10 +163,6 @@ class MMDiT(nn.Module):
             raise ValueError(f"the text context must be (N, L, {self.context_dim}); got {tuple(y.shape)}")
         tokens = self.x_embedder(x) + self.pos_embed
         return tokens, self.context_embedder(y), self.t_embedder(t)
-
-    def _check_depth(self, depth):
-        if not 1 <= depth <= self.depth:
-            raise ValueError(f"feature depth must be in [1, {self.depth}] (1-based block index), got {depth}")
 
     def forward_features(self, x, t, y, depth, groups=None):
         """Image tokens (N, T, D) after the first `depth` joint blocks; later blocks are not run."""

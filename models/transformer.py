@@ -174,7 +174,38 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class DiT(nn.Module):
+class PatchBackbone(nn.Module):
+    """What DiT/SiT and MMDiT share: the input grid of p×p patches, the output channels, the block count
+    that feature depths index, and unpatchify."""
+
+    def _set_shape(self, input_size, patch_size, in_channels, hidden_size, depth, num_heads, learn_sigma):
+        if input_size % patch_size:
+            raise ValueError(f"input size {input_size} is not divisible by patch size {patch_size}")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden size {hidden_size} is not divisible by {num_heads} heads")
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.hidden_size = hidden_size
+        self.depth = depth
+        self.num_patches = (input_size // patch_size) ** 2
+
+    def unpatchify(self, x):
+        """(N, T, p*p*C) -> (N, C, H, W)."""
+        p, c = self.patch_size, self.out_channels
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def _check_depth(self, depth):
+        if not 1 <= depth <= self.depth:
+            raise ValueError(f"feature depth must be in [1, {self.depth}] (1-based block index), got {depth}")
+
+
+class DiT(PatchBackbone):
     """Class-conditional diffusion transformer (DiT/SiT backbone).
 
     forward(x, t, y) -> prediction (N, out_channels, H, W), as the public releases.
@@ -201,24 +232,13 @@ class DiT(nn.Module):
         fused_attn=True,
     ):
         super().__init__()
-        if input_size % patch_size:
-            raise ValueError(f"input size {input_size} is not divisible by patch size {patch_size}")
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden size {hidden_size} is not divisible by {num_heads} heads")
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.learn_sigma = learn_sigma
-        self.hidden_size = hidden_size
-        self.depth = depth
+        self._set_shape(input_size, patch_size, in_channels, hidden_size, depth, num_heads, learn_sigma)
         self.num_classes = num_classes
         self.class_dropout_prob = class_dropout_prob
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, with_null_class=class_dropout_prob > 0)
-        self.num_patches = (input_size // patch_size) ** 2
         # Fixed sin-cos embedding, kept as a frozen parameter so the public key `pos_embed` loads.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(
@@ -251,14 +271,6 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def unpatchify(self, x):
-        """(N, T, p*p*C) -> (N, C, H, W)."""
-        p, c = self.patch_size, self.out_channels
-        h = w = int(x.shape[1] ** 0.5)
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
-
     def _embed(self, x, t, y, groups):
         """Tokens (N, T, D), the conditioning, and what the blocks need to apply it per token.
 
@@ -276,10 +288,6 @@ class DiT(nn.Module):
         per_group = groups if groups is not None and t.ndim == 2 else None
         mask = groups.attention_mask() if groups is not None and groups.separate else None
         return tokens, c, per_group, mask
-
-    def _check_depth(self, depth):
-        if not 1 <= depth <= self.depth:
-            raise ValueError(f"feature depth must be in [1, {self.depth}] (1-based block index), got {depth}")
 
     def forward_features(self, x, t, y, depth, groups=None):
         """Hidden tokens (N, T, D) after the first `depth` blocks; later blocks are not run."""

@@ -11,6 +11,16 @@ def _seed():
 
 
 @pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny convolutions run ~100x slower when two threads contend for a busy 2-core machine: a module
+    marked `pytestmark = pytest.mark.usefixtures("one_torch_thread")` runs on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """Four classes of 8×8 images with different colours, stored in pixel space (train.py's tests)."""
     from preprocessing.__main__ import main as preprocess

@@ -86,3 +86,14 @@ def write_class_images(folder, classes=4, per_class=8, size=8, seed=0):
             pixels = rng.integers(0, 64, (size, size, 3)) + 48 * label
             Image.fromarray(pixels.astype(np.uint8)).save(class_folder / f"{index}.png")
     return folder
+
+
+# A 2-level AutoencoderKL config that downsamples by 2 ** (2 - 1) = 2: 16 px images -> 8x8 latents.
+TINY_VAE = {
+    "block_out_channels": (8, 16),
+    "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 4,
+}

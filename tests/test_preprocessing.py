@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_VAE
 from PIL import Image
 
 from errors import UserError
@@ -22,23 +23,7 @@ from preprocessing.image import center_crop_adm, load_rgb, pixels_to_unit_range
 REPO = Path(__file__).resolve().parents[1]
 RESOLUTION = 16
 IMAGES_PER_SHARD = 3  # 10 files -> 4 shards, the last one partial
-TINY_VAE = {  # downsamples by 2 ** (2 - 1) = 2: 16 px -> 8x8 latents
-    "block_out_channels": (8, 16),
-    "down_block_types": ("DownEncoderBlock2D",) * 2,
-    "up_block_types": ("UpDecoderBlock2D",) * 2,
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 4,
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny convolutions run ~100x slower when two threads contend for a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def adm_center_crop_reference(image: Image.Image, size: int) -> np.ndarray:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_VAE
 
 import models
 from errors import UserError
@@ -29,23 +30,7 @@ RESOLUTION = 16
 NUM_IMAGES = 7
 IMAGES_PER_SHARD = 3  # 7 images -> shards of 3, 3, 1
 WIDTH = 16  # the tiny text encoder's hidden size
-TINY_VAE = {  # as tests/test_preprocessing.py's: downsamples by 2, 16 px -> 8x8 latents
-    "block_out_channels": (8, 16),
-    "down_block_types": ("DownEncoderBlock2D",) * 2,
-    "up_block_types": ("UpDecoderBlock2D",) * 2,
-    "layers_per_block": 1,
-    "latent_channels": 4,
-    "norm_num_groups": 4,
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run much slower when two threads contend for a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -237,3 +237,13 @@ def test_conditions_that_do_not_fit_are_refused(coco, trained, tmp_path, data_di
         sample_ddp.main(["--ckpt", ckpt, "--vae", "none", "--captions", str(coco["captions"]), "--balanced-classes",
                          "--output-dir", str(tmp_path)])
     assert not list(tmp_path.glob("*.npz"))
+
+
+def test_the_class_probes_refuse_a_text_model(coco, trained, tmp_path):
+    from analysis.__main__ import main as analysis_main
+
+    ckpt = trained["run"] / "checkpoints" / "step_0000004.pt"
+    with pytest.raises(UserError, match="conditioned on text; the probes predict class labels"):
+        analysis_main(["--ckpt", f"mmdit={ckpt}", "--blocks", "1", "--times", "0", "--output-dir",
+                       str(tmp_path / "report"), "--no-progress"])
+    assert not (tmp_path / "report").exists()
