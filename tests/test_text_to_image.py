@@ -247,3 +247,20 @@ def test_the_class_probes_refuse_a_text_model(coco, trained, tmp_path):
         analysis_main(["--ckpt", f"mmdit={ckpt}", "--blocks", "1", "--times", "0", "--output-dir",
                        str(tmp_path / "report"), "--no-progress"])
     assert not (tmp_path / "report").exists()
+
+
+def test_grids_and_fid_during_training_draw_training_captions(coco):
+    from conditioning import of_dataset
+    from preprocessing.dataset import LatentDataset
+    from training.samples import ConditionDraws, grid_inputs
+
+    dataset = LatentDataset(coco["data"])
+    condition = of_dataset(dataset)
+    assert condition.kind == "text" and torch.equal(condition.null, dataset.null_context())
+    draws = ConditionDraws(condition, dataset)
+    y = draws(5, torch.Generator().manual_seed(3))
+    indices = torch.randint(0, len(dataset), (5,), generator=torch.Generator().manual_seed(3)).tolist()
+    assert y.dtype == torch.float32 and torch.equal(y, dataset.get_batch(indices, epochs=[0] * 5)[1].float())
+    z, grid_y = grid_inputs(4, dataset.meta["sample_shape"], draws, "cpu")
+    assert z.shape == (4, 3, 8, 8) and grid_y.shape == (4, *CONTEXT)
+    assert torch.equal(grid_inputs(4, dataset.meta["sample_shape"], draws, "cpu")[1], grid_y)  # fixed per run
