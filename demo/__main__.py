@@ -2,11 +2,11 @@
 
 The whole pipeline on the built-in shapes dataset (demo/dataset.py), on CPU: data → preprocessing →
 reference statistics → train the baseline → train SRA → sample both → evaluate both → classify both's
-samples → probe both → report.md. It took 9.3 min on 2 cores at load 1.4-2.0 and 24.5 min at load 2-4
-(README, "Time"). Every stage but the classifier (demo/classifier.py, a few seconds) calls one of the
-project's entry points with the arguments of the command it prints (python -m preprocessing, train.py
---preset demo, sample_ddp.py, python -m evaluations.evaluator, python -m analysis), so the demo is the
-README's workflow at toy size. The two runs share the seed, the data order and the budget; only
+samples → probe both → report.md. It took 9.5 min wall (17.6 min CPU) on 2 cores at load 1.5-2.0; a
+busy machine takes longer (README, "Time"). Every stage but the classifier (demo/classifier.py, a few
+seconds) calls one of the project's entry points with the arguments of the command it prints (python -m
+preprocessing, train.py --preset demo, sample_ddp.py, python -m evaluations.evaluator, python -m analysis),
+so the demo is the README's workflow at toy size. The two runs share the seed, the data order and the budget; only
 --guidance differs. Each stage's wall time, CPU time and load average go to stages.json and the report.
 
 Rerunning the same command reuses every finished stage and resumes an interrupted training run from
