@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .transformer import (
     ADALN_NORM_EPS,
     MLP_RATIO,
+    FinalLayer,
     Mlp,
     PatchBackbone,
     PatchEmbed,
@@ -107,18 +108,6 @@ class JointBlock(nn.Module):
         if self.context_block.pre_only:
             return None, x
         return self.context_block.post_attention(context, attended[:, :length], context_modulation), x
-
-
-class FinalLayer(nn.Module):
-    def __init__(self, hidden_size, patch_size, out_channels):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=ADALN_NORM_EPS)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)
-        return self.linear(self.norm_final(x) * (1 + scale) + shift)
 
 
 class MMDiT(PatchBackbone):
