@@ -24,6 +24,7 @@ from training.checkpoints import check_loadable, load_latest, own_teacher, resto
 from training.fid import InTrainingFID
 from training.guard import NonFiniteGuard
 from training.metrics import MetricsLogger
+from training.parallel import check_strategy
 from training.samples import ConditionDraws, grid_inputs, save_sample_grid
 from training.setup import build_run, check_resumable, compile_run, data_facts, run_record
 from training.step import micro_batches, train_step
@@ -61,6 +62,7 @@ def main(argv=None):
     # Several CPU processes (gloo) only when no GPU is present, e.g. tests and CPU smoke runs.
     accelerator = Accelerator(mixed_precision=config.optim.mixed_precision, cpu=not torch.cuda.is_available())
     device = accelerator.device
+    check_strategy(config.optim.parallel, accelerator)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = config.optim.tf32
         torch.backends.cudnn.allow_tf32 = config.optim.tf32
@@ -110,10 +112,12 @@ def main(argv=None):
         num_workers=config.run.num_workers,
     )
     logger = grid_z = grid_y = None
+    # A sharded EMA samples only with every process taking part; the main process saves the grid.
+    grid_processes = config.optim.parallel == "fsdp" or accelerator.is_main_process
     if accelerator.is_main_process:
         logger = MetricsLogger(run_dir, record, config.run_name, start_step, output.tensorboard, output.wandb)
-        if output.sample_every:
-            grid_z, grid_y = grid_inputs(output.sample_grid_size, dataset.meta["sample_shape"], draws, device)
+    if output.sample_every and grid_processes:
+        grid_z, grid_y = grid_inputs(output.sample_grid_size, dataset.meta["sample_shape"], draws, device)
 
     # The loop. Metrics stay on the device between log steps, so the loop never waits on the host.
     window = torch.zeros(3, device=device)
@@ -155,9 +159,10 @@ def main(argv=None):
             counters = {**guard.counters(), "train_seconds": train_seconds}
             save_checkpoint(run_dir, step, record, parts, counters, accelerator)
         if output.sample_every and (step % output.sample_every == 0 or last):
-            if accelerator.is_main_process:
-                save_sample_grid(parts.ema.model, parts.objective, decoder.decode, grid_z, grid_y,
-                                 run_dir / f"samples_{step:07d}.png", output.sample_steps)
+            if grid_processes:
+                path = run_dir / f"samples_{step:07d}.png" if accelerator.is_main_process else None
+                save_sample_grid(parts.ema.model, parts.objective, decoder.decode, grid_z, grid_y, path,
+                                 output.sample_steps)
             accelerator.wait_for_everyone()
         if eval_fid is not None and (step % output.eval_every == 0 or last):
             value = eval_fid(parts.ema.model, parts.objective, decoder.decode)

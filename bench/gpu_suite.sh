@@ -1,25 +1,69 @@
 #!/usr/bin/env bash
-# One-shot run on a lent GPU: torch-version compatibility tests, then the training-step benchmark.
-# Each result lands in $OUT as soon as it exists, so a run cut short still returns what it measured.
+# The GPU measurements, in two parts that each fit one 10-minute device call on an H100/H200:
+#
+#   bash bench/gpu_suite.sh train    # ~8 min: tests under the GPU's torch, FP8 teacher features, SRA step
+#                                    #   ratios (bf16 and FP8 teacher), the baseline's MFU against batch and mode
+#   bash bench/gpu_suite.sh sample   # ~8 min: sampling throughput against the release's settings, MMDiT step
+#   SMOKE=1 bash bench/gpu_suite.sh train   # every command at toy size on the CPU: catches flag errors first
+#
+# Each result lands in $OUT as soon as it exists (one .txt per bench and the JSON lines), so a call cut
+# short still returns what it measured. Wheels of packages the GPU image lacks (diffusers for --decode)
+# are installed from $WHEELS when that folder exists.
 set -u
 export PYTHONUNBUFFERED=1
+PART=${1:-train}
 OUT=${OUT:-/tmp/gpu-suite}
 mkdir -p "$OUT"
-{ nvidia-smi -L; python3 -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"; } \
-  | tee "$OUT/device.txt"
-timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_models.py tests/test_sra.py tests/test_repa.py \
-  tests/test_config.py tests/test_train.py tests/test_dts.py tests/test_dts_release.py -k "not two_processes" 2>&1 \
-  | tail -4 | tee "$OUT/pytest.txt"
-bench() {  # limit_s, then bench_train_step.py arguments
+if [ -n "${WHEELS:-}" ] && [ -d "$WHEELS" ]; then python3 -m pip install -q --no-deps --no-index "$WHEELS"/*.whl; fi
+
+if [ -n "${SMOKE:-}" ]; then  # toy sizes: the same commands, seconds each on a CPU
+  XL=SiT-S/2; B=SiT-S/2; MM=MMDiT-D6/2; SIDE=(--input-size 8); BATCH=2; SWEEP=(2 4); STEPS=(--warmup 2 --steps 2 --rounds 1)
+  SAMPLING=(--model SiT-S/2 --input-size 8 --batch-size 2 --steps 4 --num-batches 1 --device cpu)
+else
+  XL=SiT-XL/2; B=SiT-B/2; MM=MMDiT-D24/2; SIDE=(); BATCH=32; SWEEP=(32 64 128 256); STEPS=(--warmup 5 --steps 20)
+  SAMPLING=(--model SiT-XL/2 --batch-size 256 --steps 250 --num-batches 1 --device cuda --bf16)
+fi
+log() { grep -v Warning | tee -a "$OUT/$1"; }
+limited() {  # limit_s, then the command (toy runs get 300 s whatever their GPU limit)
   local limit=$1; shift
-  timeout "$limit" python3 bench/bench_train_step.py --batch-size 32 --precision bf16 --warmup 5 --steps 20 \
-    --out "$OUT/train_step.jsonl" "$@" 2>&1 | grep -v Warning | tee -a "$OUT/train_step.txt"
+  timeout "$([ -n "${SMOKE:-}" ] && echo 300 || echo "$limit")" "$@"
 }
-bench 60 --model SiT-B/2 --variants none sra repa --memory
-bench 80 --model SiT-B/2 --precision fp16 --variants sra sra-dts-as sra-dts-as-dense --memory
-bench 90 --model MMDiT-D24/2 --variants none sra sra-full --memory  # text to image (needs transformers only for data)
-timeout 40 python3 bench/bench_attention_mask.py --model SiT-B/2 --batch-size 32 --dtype fp16 2>&1 \
-  | grep -v Warning | tee "$OUT/attention_mask.txt"
-bench 150 --model SiT-XL/2 --memory
-bench 120 --model SiT-XL/2 --compile --variants none sra
-bench 70 --model SiT-B/2 --compile --variants none sra
+bench() {  # limit_s, log name, then bench_train_step.py arguments
+  local limit=$1 name=$2; shift 2
+  limited "$limit" python3 bench/bench_train_step.py --batch-size "$BATCH" --precision bf16 "${STEPS[@]}" \
+    "${SIDE[@]}" --out "$OUT/train_step.jsonl" "$@" 2>&1 | log "$name.txt"
+}
+
+{ nvidia-smi -L 2>/dev/null; python3 -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"; } \
+  | tee "$OUT/device.txt"
+
+if [ "$PART" = train ] && [ -z "${SMOKE:-}" ]; then  # CI runs the suite on the CPU already
+  limited 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_models.py tests/test_sra.py tests/test_flops.py \
+    tests/test_teacher_precision.py tests/test_config.py tests/test_train.py -k "not two_processes" 2>&1 \
+    | tail -4 | tee "$OUT/pytest.txt"
+fi
+if [ "$PART" = train ]; then
+  # 1. what FP8 does to the teacher's target, with the real kernels
+  limited 60 python3 bench/check_teacher_precision.py --model "$XL" "${SIDE[@]}" --batch-size 8 \
+    --out "$OUT/teacher_precision.jsonl" 2>&1 | log teacher_precision.txt
+  # 1. SRA / baseline with the bf16 and the FP8 teacher, eager and compiled
+  bench 100 sra_fp8 --model "$XL" --variants none sra sra-fp8 --memory
+  bench 200 sra_fp8_compiled --model "$XL" --compile --variants none sra sra-fp8
+  # 2. the baseline's MFU against the per-GPU batch, eager and compiled (then the other modes at batch 64)
+  bench 120 mfu_eager --model "$XL" --variants none --batch-sizes "${SWEEP[@]}"
+  bench 200 mfu_compiled --model "$XL" --compile --variants none --batch-sizes "${SWEEP[@]}"
+  bench 100 mfu_modes --model "$XL" --compile-mode max-autotune-no-cudagraphs --variants none --channels-last
+  bench 100 mfu_modes --model "$XL" --compile-mode reduce-overhead --variants none
+elif [ "$PART" = sample ]; then
+  # 3. sampling: this project's sampler (bf16, SDPA, no unconditional pass outside the interval) against the
+  #    release's settings (fp32, explicit attention, both halves every step), 50K extrapolated
+  limited 420 python3 bench/bench_sampling.py "${SAMPLING[@]}" --variants ours release --decode \
+    --out "$OUT/sampling.jsonl" 2>&1 | log sampling.txt
+  bench 90 mmdit --model "$MM" --variants none sra sra-full --memory
+  bench 60 dts --model "$B" --precision fp16 --variants sra sra-dts-as sra-dts-as-dense --memory
+  limited 40 python3 bench/bench_attention_mask.py --model "$B" "${SIDE[@]}" --batch-size "$BATCH" --dtype fp16 \
+    2>&1 | log attention_mask.txt
+else
+  echo "usage: bash bench/gpu_suite.sh train|sample" >&2
+  exit 2
+fi

@@ -9,6 +9,8 @@ import dataclasses
 from dts.config import TokenGroupsConfig
 from errors import UserError
 from models import MODEL_NAMES, family_of, model_shape
+from training.parallel import STRATEGIES as PARALLEL_STRATEGIES
+from training.parallel import check_precision
 from transport.objective import TIME_SAMPLINGS
 from transport.paths import PATHS
 from transport.predictions import PREDICTIONS
@@ -17,6 +19,7 @@ from .fields import check_range, option
 
 STEPS_400K = 400_000  # the paper's ablation length (§4, Table 3.2)
 EMA_DECAY = 0.9999  # paper main text and release (the paper's appendix table says 0.999)
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")  # torch.compile's
 
 
 class Section:
@@ -78,8 +81,17 @@ class OptimConfig(Section):
                                   choices=("bf16", "fp16", "no"))
     tf32: bool = option(True, "TF32 matmuls on the GPU")
     compile: bool = option(False, "torch.compile the student and the teacher's partial forward")
+    compile_mode: str = option("default", "torch.compile's mode with --compile on (reduce-overhead and max-autotune "
+                               "use CUDA graphs)", choices=COMPILE_MODES)
+    parallel: str = option("ddp", "how processes share the model: ddp, a whole copy each (for models that fit), "
+                           "or fsdp, the student, its optimizer state and the EMA sharded over the processes (FSDP2)",
+                           choices=PARALLEL_STRATEGIES)
     max_nonfinite_steps: int = option(100, "stop after this many steps in a row with non-finite gradients "
                                            "(each is skipped)", minimum=1)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_precision(self.parallel, self.mixed_precision)
 
 
 @dataclasses.dataclass(frozen=True)

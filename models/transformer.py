@@ -200,6 +200,13 @@ class PatchBackbone(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
+    block_list_name = "blocks"  # the attribute holding the transformer blocks, in order
+
+    @property
+    def block_list(self) -> nn.ModuleList:
+        """The transformer blocks that feature depths count (`blocks`, or MMDiT's `joint_blocks`)."""
+        return getattr(self, self.block_list_name)
+
     def _check_depth(self, depth):
         if not 1 <= depth <= self.depth:
             raise ValueError(f"feature depth must be in [1, {self.depth}] (1-based block index), got {depth}")

@@ -1,5 +1,6 @@
 """SRA as a guidance method (SPEC §3): the target is the EMA teacher's block-k_T tokens at a lower noise
 level, from the same x0 and ε and the student's dropped labels; only the first k_T blocks run."""
+import contextlib
 import dataclasses
 import math
 
@@ -11,6 +12,7 @@ from errors import UserError
 from guidance.base import AlignmentConfig, AlignmentInputs, Guidance, GuidanceContext
 from guidance.distances import DISTANCES
 from models import family_of
+from models.fp8 import fp8_linears, fp8_unsupported, token_linears
 
 from .defaults import T_MAX, default_block_pair
 from .head import ProjectionHead
@@ -27,6 +29,10 @@ TEACHER_TIMES = ("sra", "self_flow", "same")
 # `copy`, a separate teacher equal to the student after every step (m = 0).
 TEACHER_UPDATES = ("ema", "ssl_cosine", "copy")
 SSL_MOMENTUM_START = 0.996  # DINO's default --momentum_teacher; the paper's "0.996 → 1"
+# The teacher forward's precision: the training step's autocast (`step`, as the paper and release), bf16 or
+# fp16 autocast whatever the step's, or fp8: bf16 autocast with the blocks' token-wise linear layers in FP8
+# e4m3 with row-wise scales (models/fp8.py; Hopper GPUs).
+TEACHER_PRECISIONS = ("step", "bf16", "fp16", "fp8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +71,9 @@ class SRAConfig(AlignmentConfig):
     teacher_mask: bool = option(
         True, "with token groups: the teacher sees the student's groups (and their attention separation); "
         "--teacher-t sra and same need it", families=("SiT",))
+    teacher_precision: str = option(
+        "step", "the teacher forward's precision: the training step's (--mixed-precision), bf16, fp16, or fp8 "
+        "(the blocks' token-wise matmuls in FP8 with row-wise scales; Hopper GPUs)", choices=TEACHER_PRECISIONS)
 
     def __post_init__(self):
         super().__post_init__()
@@ -122,6 +131,25 @@ class SRA(Guidance):
         self.objective = context.objective
         self.teacher = context.teacher
         check_interval(config.t_max, config.interval, self.objective.discrete_steps)
+        self.device_type = torch.device(context.device).type
+        self.fp8_layers = []
+        if config.teacher_precision == "fp8":
+            problem = fp8_unsupported(context.device)
+            if problem:
+                raise UserError(f"--teacher-precision fp8: {problem}; use bf16 or step")
+            self.fp8_layers = token_linears(context.teacher)
+
+    def teacher_precision(self):
+        """The context of the teacher's forward: autocast to --teacher-precision, FP8 layers for fp8."""
+        precision = self.config.teacher_precision
+        if precision == "step":
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        stack.enter_context(torch.autocast(self.device_type, dtype=dtype))
+        if precision == "fp8":
+            stack.enter_context(fp8_linears(self.fp8_layers))
+        return stack
 
     def build_head(self, hidden_size):
         return ProjectionHead(hidden_size) if self.config.projection_head else None
@@ -142,8 +170,9 @@ class SRA(Guidance):
         x0, objective = inputs.x0, self.objective
         t_teacher = self.teacher_time(inputs.t, x0.shape[0], x0.device)
         x_teacher = objective.noisy(x0, inputs.eps, t_teacher)
-        return self.teacher.forward_features(x_teacher, objective.model_time(t_teacher), inputs.y,
-                                             self.config.teacher_depth)
+        with self.teacher_precision():
+            return self.teacher.forward_features(x_teacher, objective.model_time(t_teacher), inputs.y,
+                                                 self.config.teacher_depth)
 
     def grouped_target(self, inputs: AlignmentInputs):
         """The teacher for a student trained with token groups (the release's SiT-SRA_DTS_AS/loss.py):
@@ -174,5 +203,6 @@ class SRA(Guidance):
                 t_teacher = objective.shift_time(drawn.times, delta)
             where = drawn.time_map(t_teacher)
         x_teacher = objective.noisy(inputs.x0, inputs.eps, where)
-        return self.teacher.forward_features(x_teacher, objective.model_time(t_teacher), inputs.y,
-                                             config.teacher_depth, groups)
+        with self.teacher_precision():
+            return self.teacher.forward_features(x_teacher, objective.model_time(t_teacher), inputs.y,
+                                                 config.teacher_depth, groups)

@@ -273,3 +273,19 @@ def test_wandb_logs_offline(tmp_path, data_dir, monkeypatch):
     run(tmp_path, data_dir, "--max-steps", "2", "--log-every", "1", "--sample-every", "0", "--wandb", "on")
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))  # the run's log, ready for `wandb sync`
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    import types
+
+    from configs.cli import resolve
+    from training.setup import compile_run
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: calls.append(mode) or fn)
+    teacher = types.SimpleNamespace(model=types.SimpleNamespace(forward_features=None))
+    parts = types.SimpleNamespace(trained=None, teacher=teacher)
+    compile_run(parts, resolve("debug", {"compile": True, "compile_mode": "max-autotune-no-cudagraphs"}))
+    assert calls == ["max-autotune-no-cudagraphs"] * 2  # the student and the teacher's partial forward
+    compile_run(parts, resolve("debug", {"compile_mode": "reduce-overhead"}))
+    assert len(calls) == 2  # --compile off: nothing is compiled

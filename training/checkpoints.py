@@ -16,6 +16,7 @@ import torch.distributed as dist
 import models
 from errors import UserError
 from objectives.registry import describe
+from training.parallel import full_state_dict, load_full_state_dict, load_optimizer_state_dict, optimizer_state_dict
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})\.pt$")
 DIGEST_KEY = "sha256"
@@ -151,21 +152,25 @@ def own_teacher(parts) -> bool:
 
 
 def save_checkpoint(run_dir, step, record, parts, counters, accelerator):
-    """Every process takes part (its RNG state is gathered); the main process writes and prunes."""
+    """Every process takes part (its RNG state is gathered, and sharded weights and optimizer state are
+    gathered whole); the main process writes and prunes."""
     rng_states = gather_objects(rng_state(accelerator.device))
+    student, optimizer, scaler = parts.student, parts.optimizer, parts.scaler
+    weights = {
+        "model": full_state_dict(student.backbone),
+        "ema": parts.ema.state_dict(),
+        "teacher": parts.teacher.state_dict() if own_teacher(parts) else None,
+        "head": full_state_dict(student.head) if student.head is not None else None,
+        "opt": optimizer_state_dict(student, optimizer),
+    }
     if not accelerator.is_main_process:
         return
-    student, optimizer, scaler = parts.student, parts.optimizer, parts.scaler
     data = record["data"]
     state = {
         "format": models.CHECKPOINT_FORMAT,
         "meta": checkpoint_meta(record, student.backbone, parts.objective),
         "step": step,
-        "model": student.backbone.state_dict(),
-        "ema": parts.ema.state_dict(),
-        "teacher": parts.teacher.state_dict() if own_teacher(parts) else None,
-        "head": student.head.state_dict() if student.head is not None else None,
-        "opt": optimizer.state_dict(),
+        **weights,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng_states,
         "sampler": {"consumed": step * data["per_gpu_batch_size"] * record["optim"]["grad_accum_steps"]},
@@ -194,13 +199,13 @@ def check_loadable(state, path, accelerator):
 
 def restore(state, parts, accelerator):
     student = parts.student
-    student.backbone.load_state_dict(state["model"])
+    load_full_state_dict(student.backbone, state["model"])
     if student.head is not None:
-        student.head.load_state_dict(state["head"])
+        load_full_state_dict(student.head, state["head"])
     parts.ema.load_state_dict(state["ema"])
     if own_teacher(parts):
         parts.teacher.load_state_dict(state["teacher"])
-    parts.optimizer.load_state_dict(state["opt"])
+    load_optimizer_state_dict(student, parts.optimizer, state["opt"])
     if parts.scaler is not None and state["scaler"] is not None:
         parts.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"][accelerator.process_index], accelerator.device)

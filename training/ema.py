@@ -3,6 +3,8 @@ import copy
 
 import torch
 
+from training.parallel import full_state_dict, load_full_state_dict, local
+
 EMA_DECAY = 0.9999  # paper main text and release (the paper's appendix table says 0.999)
 
 
@@ -17,23 +19,25 @@ class EMA:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.decay = decay
         self.model = copy.deepcopy(backbone).eval().requires_grad_(False)
-        self._params = list(self.model.parameters())
 
     @torch.no_grad()
     def update(self, backbone, apply=None, decay=None):
         """Move the EMA toward `backbone`. `apply` is an optional 0-d tensor (1 = update, 0 = keep),
         so a skipped optimizer step also skips the EMA without a host sync; `decay` overrides m for this
-        update (a scheduled teacher). m = 0 copies the weights exactly (lerp with weight 1 returns the end)."""
+        update (a scheduled teacher). m = 0 copies the weights exactly (lerp with weight 1 returns the end).
+        Sharded (--parallel fsdp) models are sharded alike, so each process updates its own shards."""
         decay = self.decay if decay is None else decay
-        source = list(backbone.parameters())
+        params = [local(p) for p in self.model.parameters()]
+        source = [local(p) for p in backbone.parameters()]
         if apply is None:
-            torch._foreach_lerp_(self._params, source, 1.0 - decay)
+            torch._foreach_lerp_(params, source, 1.0 - decay)
         else:
-            weight = apply.to(self._params[0].dtype) * (1.0 - decay)
-            torch._foreach_lerp_(self._params, source, [weight] * len(source))
+            weight = apply.to(params[0].dtype) * (1.0 - decay)
+            torch._foreach_lerp_(params, source, [weight] * len(source))
 
     def state_dict(self):
-        return self.model.state_dict()
+        """The whole state dict (gathered when sharded: every process must call it)."""
+        return full_state_dict(self.model)
 
     def load_state_dict(self, state_dict):
-        self.model.load_state_dict(state_dict, strict=True)
+        load_full_state_dict(self.model, state_dict)

@@ -38,7 +38,10 @@ def grid_inputs(count, sample_shape, draws, device):
 
 @torch.no_grad()
 def save_sample_grid(model, objective, decode, z, y, path, num_steps):
-    """Sample with the objective's default sampler (no guidance), decode to [-1, 1], save a PNG."""
+    """Sample with the objective's default sampler (no guidance), decode to [-1, 1], save a PNG. path None:
+    sample only (a process taking part in a sharded model's forwards)."""
     samples = objective.sample(guided_model_fn(model, y), z, num_steps=num_steps)
+    if path is None:
+        return
     images = decode(samples).clamp(-1, 1)
     save_image((images + 1) / 2, path, nrow=int(math.ceil(math.sqrt(len(images)))))

@@ -14,12 +14,13 @@ from guidance import GuidanceContext, Student, TrainingLoss
 from guidance.registry import build_guidance
 from objectives.registry import from_description
 from training.ema import EMA
+from training.parallel import prepare_student, shard
 
 # Settings a resumed run may change: they decide where and how often things are written and how the
 # same computation is scheduled, never what is computed. Any other difference is an error.
 RESUMABLE = {
     "preset", "run.results_dir", "run.run_name", "run.num_workers", "run.restart", "run.data_dir",
-    "optim.max_steps", "optim.compile",
+    "optim.max_steps", "optim.compile", "optim.compile_mode",
     *(f"output.{field.name}" for field in dataclasses.fields(OutputConfig)),
 }
 
@@ -27,9 +28,10 @@ RESUMABLE = {
 # resumes. (Token groups are recorded only when on; these two act only with them.)
 ADDED_DATA_FACTS = {"data.condition": CLASS, "data.context_shape": None, "data.text_encoder": None,
                     "data.text_encoder_sha256": None}  # records made before text conditioning
+ADDED_RUN_SETTINGS = {"optim.parallel": "ddp"}  # records made before --parallel
 ADDED_SETTINGS = {"guidance.teacher_t": "sra", "guidance.teacher_mask": True, "guidance.projection_head": True,
                   "guidance.teacher_update": "ema", "guidance.teacher_momentum_start": 0.996,
-                  "guidance.teacher_momentum_steps": None}
+                  "guidance.teacher_momentum_steps": None, "guidance.teacher_precision": "step"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +104,8 @@ def _flat(record, prefix=""):
 def check_resumable(saved: dict, record: dict) -> None:
     """Refuse to continue a run whose saved record differs in anything but RESUMABLE settings; the data
     may move (run.data_dir) as long as its content (data.dataset_checksum) is the same."""
-    old, new = {**ADDED_DATA_FACTS, **_flat(saved)}, {**ADDED_DATA_FACTS, **_flat(record)}
+    added = {**ADDED_DATA_FACTS, **ADDED_RUN_SETTINGS}
+    old, new = {**added, **_flat(saved)}, {**added, **_flat(record)}
     if old.get("guidance.method") == "sra":
         old = {**ADDED_SETTINGS, **old}
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE)
@@ -148,7 +151,11 @@ def build_run(config, facts: DataFacts, accelerator, dataset):
     head = guidance.build_head(backbone.hidden_size) if guidance is not None else None
     student = Student(backbone, head, guidance.student_depth if guidance is not None else None)
     torch.manual_seed(config.run.seed * accelerator.num_processes + accelerator.process_index)
-    trained = accelerator.prepare_model(student)
+    trained = prepare_student(student, accelerator, config.optim.parallel)
+    if config.optim.parallel == "fsdp":
+        shard(ema.model, ema.model)
+        if teacher is not None and teacher is not ema:
+            shard(teacher.model, teacher.model)
     optim = config.optim
     optimizer = torch.optim.AdamW(student.parameters(), lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2),
                                   weight_decay=optim.weight_decay, fused=True)
@@ -163,8 +170,9 @@ def build_run(config, facts: DataFacts, accelerator, dataset):
 
 
 def compile_run(parts, config):
-    """torch.compile of the step's student and of the teacher's partial forward (--compile)."""
+    """torch.compile of the step's student and of the teacher's partial forward (--compile, --compile-mode)."""
     if config.optim.compile:
-        parts.trained = torch.compile(parts.trained)
+        mode = config.optim.compile_mode
+        parts.trained = torch.compile(parts.trained, mode=mode)
         if parts.teacher is not None:
-            parts.teacher.model.forward_features = torch.compile(parts.teacher.model.forward_features)
+            parts.teacher.model.forward_features = torch.compile(parts.teacher.model.forward_features, mode=mode)

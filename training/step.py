@@ -5,6 +5,7 @@ import torch
 
 from conditioning import to_model_input
 from preprocessing.dataset import sample_model_input
+from training.parallel import local, no_sync
 
 
 def train_step(batches, meta, loss_fn, trained, optimizer, scaler, accelerator, weight, max_grad_norm):
@@ -18,7 +19,7 @@ def train_step(batches, meta, loss_fn, trained, optimizer, scaler, accelerator, 
         y = to_model_input(y, accelerator.device)
         images = images[0].to(accelerator.device, non_blocking=True) if images else None
         # Gradients are all-reduced only on the last micro-batch.
-        sync = contextlib.nullcontext() if index == accum - 1 else accelerator.no_sync(trained)
+        sync = contextlib.nullcontext() if index == accum - 1 else no_sync(trained, accelerator)
         with sync, accelerator.autocast():
             terms = loss_fn(trained, x0, y, weight, images)
             accelerator.backward(terms["loss"] / accum)
@@ -26,7 +27,7 @@ def train_step(batches, meta, loss_fn, trained, optimizer, scaler, accelerator, 
         totals = detached if totals is None else totals + detached
     if scaler is not None:
         scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), max_grad_norm)
+    grad_norm = local(torch.nn.utils.clip_grad_norm_(trained.parameters(), max_grad_norm))
     finite = torch.isfinite(grad_norm)
     if scaler is not None:
         scaler.step(optimizer)  # the scaler skips non-finite steps itself

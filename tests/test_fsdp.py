@@ -1,0 +1,121 @@
+"""--parallel fsdp: two CPU processes (gloo) train the same run as DDP, resume bit-identically, sample grids
+with a sharded EMA, and write checkpoints that sampling reads like DDP's."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from errors import UserError
+from training.checkpoints import read_checkpoint
+from training.parallel import load_full_state_dict
+from training.setup import check_resumable
+
+ROOT = Path(__file__).resolve().parents[1]
+# SRA with a teacher of its own (sharded besides the EMA) and two micro-batches (gradient sync skipped on one).
+COMMON = ["--preset", "debug", "--num-workers", "0", "--tensorboard", "off", "--sample-every", "0",
+          "--ckpt-every", "2", "--grad-accum-steps", "2", "--teacher-update", "ssl_cosine",
+          "--teacher-momentum-steps", "4"]
+
+
+def launch(tmp_path, data_dir, *argv, port):
+    """train.py in two processes (torch.distributed.run); one run per launch, as on a cluster."""
+    script = tmp_path / "launch.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport train\ntrain.main(sys.argv[1:])\n")
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         str(script), *COMMON, "--data-dir", data_dir, "--results-dir", str(tmp_path / "runs"), *argv],
+        check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, timeout=300,
+    )
+
+
+def checkpoint(tmp_path, name, step):
+    return read_checkpoint(tmp_path / "runs" / name / "checkpoints" / f"step_{step:07d}.pt")
+
+
+def same(a, b):
+    """Exact equality of nested checkpoint values."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir):
+    """DDP and FSDP 4 steps straight; FSDP 2 steps, then the same command to step 4."""
+    tmp_path = tmp_path_factory.mktemp("fsdp")
+    launch(tmp_path, data_dir, "--run-name", "ddp", "--max-steps", "4", port=29541)
+    launch(tmp_path, data_dir, "--run-name", "fsdp", "--parallel", "fsdp", "--max-steps", "4", "--sample-every", "4",
+           port=29542)
+    for steps in ("2", "4"):
+        launch(tmp_path, data_dir, "--run-name", "resumed", "--parallel", "fsdp", "--max-steps", steps, port=29543)
+    return tmp_path
+
+
+def test_fsdp_trains_what_ddp_trains(runs):
+    ddp, fsdp = checkpoint(runs, "ddp", 4), checkpoint(runs, "fsdp", 4)
+    for part in ("model", "ema", "teacher", "head"):
+        assert ddp[part].keys() == fsdp[part].keys(), part  # whole tensors under the public key names
+        for key in ddp[part]:
+            assert ddp[part][key].shape == fsdp[part][key].shape
+            # the same sums in another order (reduce-scatter vs all-reduce, a norm from two shards)
+            torch.testing.assert_close(fsdp[part][key], ddp[part][key], rtol=0, atol=1e-6, msg=f"{part}.{key}")
+    moved = checkpoint(runs, "fsdp", 2)
+    assert not torch.equal(moved["model"]["blocks.0.attn.qkv.weight"], fsdp["model"]["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(fsdp["teacher"]["blocks.0.attn.qkv.weight"], fsdp["ema"]["blocks.0.attn.qkv.weight"])
+    # the optimizer state is keyed by name, one entry per trained parameter, as DDP's is by position
+    trained = [k for k in fsdp["opt"]["state"]]
+    assert len(trained) == len(ddp["opt"]["state"]) and trained[0].startswith("backbone.")
+    assert fsdp["config"]["optim"]["parallel"] == "fsdp" and ddp["config"]["optim"]["parallel"] == "ddp"
+    assert (runs / "runs" / "fsdp" / "samples_0000004.png").stat().st_size > 0  # grid from the sharded EMA
+
+
+def test_fsdp_resumes_bit_identically(runs):
+    straight, resumed = checkpoint(runs, "fsdp", 4), checkpoint(runs, "resumed", 4)
+    for part in ("model", "ema", "teacher", "head", "opt", "rng", "sampler", "step"):
+        assert same(straight[part], resumed[part]), part
+
+
+def test_fsdp_checkpoint_loads_for_sampling(runs):
+    from models import load_checkpoint
+
+    path = runs / "runs" / "fsdp" / "checkpoints" / "step_0000004.pt"
+    loaded = load_checkpoint(path)
+    state = read_checkpoint(path)
+    for key, value in loaded.model.state_dict().items():
+        assert torch.equal(value, state["ema"][key]), key
+
+
+def test_fsdp_resume_refuses_another_strategy(runs):
+    saved = checkpoint(runs, "resumed", 4)["config"]
+    as_ddp = {**saved, "optim": {**saved["optim"], "parallel": "ddp"}}
+    with pytest.raises(UserError, match=r"optim.parallel: 'fsdp' -> 'ddp'"):
+        check_resumable(saved, as_ddp)
+    older = {**saved, "optim": {k: v for k, v in saved["optim"].items() if k != "parallel"}}
+    check_resumable(older, as_ddp)  # records from before --parallel ran DDP
+
+
+def test_fsdp_needs_processes_and_no_fp16(tmp_path, data_dir):
+    base = [*COMMON, "--data-dir", data_dir, "--results-dir", str(tmp_path), "--parallel", "fsdp"]
+    with pytest.raises(UserError, match="--parallel fsdp shards the model over processes and this launch has one"):
+        train.main(base)
+    with pytest.raises(UserError, match="--parallel fsdp runs with --mixed-precision bf16 or no"):
+        train.main([*base, "--mixed-precision", "fp16"])
+    assert not tmp_path.joinpath("debug").exists()
+
+
+def test_whole_state_dicts_load_unsharded():
+    """Without sharding, the loader is load_state_dict itself (strict)."""
+    model = torch.nn.Linear(3, 2)
+    other = torch.nn.Linear(3, 2)
+    load_full_state_dict(other, model.state_dict())
+    assert torch.equal(other.weight, model.weight)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_full_state_dict(other, {"weight": model.weight})
