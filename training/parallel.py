@@ -44,15 +44,16 @@ def check_strategy(strategy, accelerator):
                         "several (accelerate launch --num_processes N train.py …), or use --parallel ddp")
 
 
-def shard(module, backbone):
+def shard(module, backbone, forward_only=False):
     """FSDP2 in place: every block of `backbone` (a submodule of `module`, or `module` itself) is its own
-    unit, the rest of `module` the root unit. The root reshards after its forward too, so a module that
-    runs without a backward (the EMA) returns to its shards."""
+    unit, the rest of `module` the root unit. forward_only (the EMA, which never runs a backward): the root
+    reshards after its forward too, so its parameters return to their shards; a trained root keeps them
+    gathered for the backward that follows (torch's default)."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for block in backbone.block_list:
         fully_shard(block)
-    fully_shard(module, reshard_after_forward=True)
+    fully_shard(module, **({"reshard_after_forward": True} if forward_only else {}))
     if module is backbone:
         for name in FORWARD_METHODS:
             register_fsdp_forward_method(module, name)

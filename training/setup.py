@@ -153,9 +153,9 @@ def build_run(config, facts: DataFacts, accelerator, dataset):
     torch.manual_seed(config.run.seed * accelerator.num_processes + accelerator.process_index)
     trained = prepare_student(student, accelerator, config.optim.parallel)
     if config.optim.parallel == "fsdp":
-        shard(ema.model, ema.model)
+        shard(ema.model, ema.model, forward_only=True)
         if teacher is not None and teacher is not ema:
-            shard(teacher.model, teacher.model)
+            shard(teacher.model, teacher.model, forward_only=True)
     optim = config.optim
     optimizer = torch.optim.AdamW(student.parameters(), lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2),
                                   weight_decay=optim.weight_decay, fused=True)
