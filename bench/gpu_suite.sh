@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# The GPU measurements, in two parts that each fit one 10-minute device call on an H100/H200:
+# The GPU measurements, in parts that each fit one 10-minute device call on an H100/H200 (the limits below
+# add up to under 540 s per part; a session's 15 device minutes run about two parts):
 #
-#   bash bench/gpu_suite.sh train    # ~8 min: tests under the GPU's torch, FP8 teacher features, SRA step
-#                                    #   ratios (bf16 and FP8 teacher), the baseline's MFU against batch and mode
-#   bash bench/gpu_suite.sh sample   # ~8 min: sampling throughput against the release's settings, MMDiT step
-#   SMOKE=1 bash bench/gpu_suite.sh train   # every command at toy size on the CPU: catches flag errors first
+#   bash bench/gpu_suite.sh fp8      # tests under the GPU's torch; FP8 teacher features with the real kernels;
+#                                    #   SRA / baseline step with the bf16 and the FP8 teacher, eager and compiled
+#   bash bench/gpu_suite.sh mfu      # the baseline's MFU against the per-GPU batch, eager and compiled, and
+#                                    #   the other compile modes (CUDA graphs, max-autotune, channels-last)
+#   bash bench/gpu_suite.sh sample   # sampling throughput against the release's settings, 50K extrapolated
+#   bash bench/gpu_suite.sh other    # MMDiT-D24/2 step, the token-group variants, the attention mask
+#   SMOKE=1 bash bench/gpu_suite.sh fp8   # every command at toy size on the CPU: catches flag errors first
 #
 # Each result lands in $OUT as soon as it exists (one .txt per bench and the JSON lines), so a call cut
 # short still returns what it measured. Wheels of packages the GPU image lacks (diffusers for --decode)
 # are installed from $WHEELS when that folder exists.
 set -u
 export PYTHONUNBUFFERED=1
-PART=${1:-train}
+PART=${1:-fp8}
 OUT=${OUT:-/tmp/gpu-suite}
 mkdir -p "$OUT"
 if [ -n "${WHEELS:-}" ] && [ -d "$WHEELS" ]; then python3 -m pip install -q --no-deps --no-index "$WHEELS"/*.whl; fi
@@ -37,33 +41,39 @@ bench() {  # limit_s, log name, then bench_train_step.py arguments
 { nvidia-smi -L 2>/dev/null; python3 -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"; } \
   | tee "$OUT/device.txt"
 
-if [ "$PART" = train ] && [ -z "${SMOKE:-}" ]; then  # CI runs the suite on the CPU already
-  limited 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_models.py tests/test_sra.py tests/test_flops.py \
-    tests/test_teacher_precision.py tests/test_config.py tests/test_train.py -k "not two_processes" 2>&1 \
-    | tail -4 | tee "$OUT/pytest.txt"
-fi
-if [ "$PART" = train ]; then
-  # 1. what FP8 does to the teacher's target, with the real kernels
+case "$PART" in
+fp8)
+  if [ -z "${SMOKE:-}" ]; then  # CI runs the suite on the CPU already
+    limited 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_models.py tests/test_sra.py \
+      tests/test_flops.py tests/test_teacher_precision.py tests/test_config.py 2>&1 | tail -4 | tee "$OUT/pytest.txt"
+  fi
+  # what FP8 does to the teacher's target, with the real kernels
   limited 60 python3 bench/check_teacher_precision.py --model "$XL" "${SIDE[@]}" --batch-size 8 \
     --out "$OUT/teacher_precision.jsonl" 2>&1 | log teacher_precision.txt
-  # 1. SRA / baseline with the bf16 and the FP8 teacher, eager and compiled
-  bench 100 sra_fp8 --model "$XL" --variants none sra sra-fp8 --memory
-  bench 200 sra_fp8_compiled --model "$XL" --compile --variants none sra sra-fp8
-  # 2. the baseline's MFU against the per-GPU batch, eager and compiled (then the other modes at batch 64)
+  # SRA / baseline with the bf16 and the FP8 teacher, eager (with memory) and compiled
+  bench 130 sra_fp8 --model "$XL" --variants none sra sra-fp8 --memory
+  bench 240 sra_fp8_compiled --model "$XL" --compile --variants none sra sra-fp8
+  ;;
+mfu)
   bench 120 mfu_eager --model "$XL" --variants none --batch-sizes "${SWEEP[@]}"
   bench 200 mfu_compiled --model "$XL" --compile --variants none --batch-sizes "${SWEEP[@]}"
   bench 100 mfu_modes --model "$XL" --compile-mode max-autotune-no-cudagraphs --variants none --channels-last
   bench 100 mfu_modes --model "$XL" --compile-mode reduce-overhead --variants none
-elif [ "$PART" = sample ]; then
-  # 3. sampling: this project's sampler (bf16, SDPA, no unconditional pass outside the interval) against the
-  #    release's settings (fp32, explicit attention, both halves every step), 50K extrapolated
-  limited 420 python3 bench/bench_sampling.py "${SAMPLING[@]}" --variants ours release --decode \
+  ;;
+sample)
+  # this project's sampler (bf16, SDPA, no unconditional pass outside the interval) against the release's
+  # settings (fp32, explicit attention, both halves every step), 50K extrapolated, decoding included
+  limited 500 python3 bench/bench_sampling.py "${SAMPLING[@]}" --variants ours release --decode \
     --out "$OUT/sampling.jsonl" 2>&1 | log sampling.txt
-  bench 90 mmdit --model "$MM" --variants none sra sra-full --memory
-  bench 60 dts --model "$B" --precision fp16 --variants sra sra-dts-as sra-dts-as-dense --memory
+  ;;
+other)
+  bench 150 mmdit --model "$MM" --variants none sra sra-full --memory
+  bench 90 dts --model "$B" --precision fp16 --variants sra sra-dts-as sra-dts-as-dense --memory
   limited 40 python3 bench/bench_attention_mask.py --model "$B" "${SIDE[@]}" --batch-size "$BATCH" --dtype fp16 \
     2>&1 | log attention_mask.txt
-else
-  echo "usage: bash bench/gpu_suite.sh train|sample" >&2
+  ;;
+*)
+  echo "usage: bash bench/gpu_suite.sh fp8|mfu|sample|other" >&2
   exit 2
-fi
+  ;;
+esac

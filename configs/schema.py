@@ -10,7 +10,7 @@ from dts.config import TokenGroupsConfig
 from errors import UserError
 from models import MODEL_NAMES, family_of, model_shape
 from training.parallel import STRATEGIES as PARALLEL_STRATEGIES
-from training.parallel import check_precision
+from training.parallel import check_settings
 from transport.objective import TIME_SAMPLINGS
 from transport.paths import PATHS
 from transport.predictions import PREDICTIONS
@@ -91,7 +91,9 @@ class OptimConfig(Section):
 
     def __post_init__(self):
         super().__post_init__()
-        check_precision(self.parallel, self.mixed_precision)
+        if self.compile_mode != "default" and not self.compile:
+            raise UserError(f"--compile-mode {self.compile_mode} applies with --compile on")
+        check_settings(self.parallel, self.mixed_precision, self.compile_mode)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,8 +4,12 @@ A linear layer y = x·Wᵀ + b becomes (s_x ⊙ q_x)·(s_w ⊙ q_w)ᵀ + b: ever
 of W (an output channel) is divided by its own scale s = max|row| / 448, so that its largest magnitude lands
 on the largest finite e4m3 value, and rounded to float8_e4m3fn; `torch._scaled_mm` multiplies the FP8
 operands with fp32 accumulation and applies the two scales in its epilogue ("row-wise" scaling, the finest
-that Hopper's FP8 GEMMs take). Weights are quantized at every call from their current values (half a
-millisecond for SiT-XL/2's 20 teacher blocks on an H200), so an EMA teacher's moving weights need no cache.
+that Hopper's FP8 GEMMs take). Weights are quantized at every call from their current values: the
+teacher runs once per step and its EMA weights move after every step, so a cache would never hit.
+
+Quantizing costs memory passes the matmul does not hide: per call, one read of each operand for its row
+maxima and one read plus a one-byte write for the rounding (eager; `--compile` fuses them into the ops
+that produce the operands). The speed-up is a GPU measurement (BENCHMARKS.md), not an assumption.
 
 Only the token-wise linear layers inside the blocks run in FP8 (`token_linears`): attention's qkv and
 output projections and the MLP, which hold nearly all of a block's FLOPs. The adaLN modulation, one row per
@@ -13,6 +17,7 @@ image, and everything outside the blocks keep the surrounding precision.
 """
 import contextlib
 import functools
+import math
 
 import torch
 import torch.nn as nn
@@ -30,6 +35,9 @@ def fp8_unsupported(device) -> str | None:
     if device.type != "cuda":
         return (f"FP8 matrix multiplies need an NVIDIA GPU of compute capability {FP8_CAPABILITY[0]}.0 "
                 f"(Hopper) or newer; this run is on the {device.type.upper()}")
+    if torch.version.hip is not None:
+        return ("this torch is built for ROCm, whose FP8 formats differ from the e4m3fn (and its row-wise "
+                "scaled matmuls) this path uses")
     capability = torch.cuda.get_device_capability(device)
     if capability < FP8_CAPABILITY:
         return (f"{torch.cuda.get_device_name(device)} has compute capability {capability[0]}.{capability[1]}; "
@@ -38,10 +46,13 @@ def fp8_unsupported(device) -> str | None:
 
 
 def quantize_rows(x):
-    """x (M, K) -> (q (M, K) float8_e4m3fn, scale (M, 1) float32) with x ≈ q·scale and max|q| = 448 per row."""
-    amax = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=AMAX_FLOOR)
-    scale = amax / E4M3_MAX
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+    """x (M, K) -> (q (M, K) float8_e4m3fn, scale (M, 1) float32) with x ≈ q·scale and max|q| = 448 per row.
+
+    |x / scale| ≤ 448 up to fp32 rounding, which rounds back to 448 (only values from 464 on, halfway to
+    e4m3's next power of two, would overflow), so no clamp pass is needed."""
+    amax = torch.linalg.vector_norm(x.detach(), ord=math.inf, dim=-1, keepdim=True).float()
+    scale = amax.clamp(min=AMAX_FLOOR) / E4M3_MAX
+    return (x / scale).to(E4M3), scale
 
 
 def fp8_linear(x, weight, bias=None, out_dtype=torch.bfloat16):

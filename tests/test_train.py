@@ -287,5 +287,7 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     parts = types.SimpleNamespace(trained=None, teacher=teacher)
     compile_run(parts, resolve("debug", {"compile": True, "compile_mode": "max-autotune-no-cudagraphs"}))
     assert calls == ["max-autotune-no-cudagraphs"] * 2  # the student and the teacher's partial forward
-    compile_run(parts, resolve("debug", {"compile_mode": "reduce-overhead"}))
+    compile_run(parts, resolve("debug", {}))
     assert len(calls) == 2  # --compile off: nothing is compiled
+    with pytest.raises(UserError, match="--compile-mode reduce-overhead applies with --compile on"):
+        resolve("debug", {"compile_mode": "reduce-overhead"})

@@ -72,8 +72,9 @@ def list_checkpoints(directory):
 
 
 def read_checkpoint(path, map_location="cpu"):
-    """A checkpoint's state, its checksum verified; ValueError naming what is wrong otherwise."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    """A checkpoint's state, its checksum verified; ValueError naming what is wrong otherwise. The file is
+    memory-mapped, so the processes of one machine that all read it share its pages."""
+    state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     if not isinstance(state, dict) or DIGEST_KEY not in state:
         if isinstance(state, dict) and state.get("format") == models.CHECKPOINT_FORMAT_V1:
             return state  # written before checksums existed
@@ -156,11 +157,12 @@ def save_checkpoint(run_dir, step, record, parts, counters, accelerator):
     gathered whole); the main process writes and prunes."""
     rng_states = gather_objects(rng_state(accelerator.device))
     student, optimizer, scaler = parts.student, parts.optimizer, parts.scaler
+    keep = accelerator.is_main_process
     weights = {
-        "model": full_state_dict(student.backbone),
-        "ema": parts.ema.state_dict(),
-        "teacher": parts.teacher.state_dict() if own_teacher(parts) else None,
-        "head": full_state_dict(student.head) if student.head is not None else None,
+        "model": full_state_dict(student.backbone, keep),
+        "ema": parts.ema.state_dict(keep),
+        "teacher": parts.teacher.state_dict(keep) if own_teacher(parts) else None,
+        "head": full_state_dict(student.head, keep) if student.head is not None else None,
         "opt": optimizer_state_dict(student, optimizer),
     }
     if not accelerator.is_main_process:

@@ -35,9 +35,9 @@ class EMA:
             weight = apply.to(params[0].dtype) * (1.0 - decay)
             torch._foreach_lerp_(params, source, [weight] * len(source))
 
-    def state_dict(self):
-        """The whole state dict (gathered when sharded: every process must call it)."""
-        return full_state_dict(self.model)
+    def state_dict(self, keep=True):
+        """The whole state dict (gathered when sharded: every process must call it; see full_state_dict)."""
+        return full_state_dict(self.model, keep)
 
     def load_state_dict(self, state_dict):
         load_full_state_dict(self.model, state_dict)

@@ -8,33 +8,48 @@ is sharded along its first dimension over the processes, so parameters, gradient
 take 1/W of the memory; a block's parameters are all-gathered just before it runs and freed after. The
 EMA (SRA's teacher, and a separate teacher if the method keeps one) is sharded the same way, parameter
 by parameter, so its update stays local to each process, and its partial-depth `forward_features`
-gathers only the blocks it runs. Mixed precision stays the step's autocast, as under DDP, so the two
-compute the same numbers. Checkpoints hold the gathered (whole) state dicts, in the same files and keys
-as DDP's, except the optimizer state, which is keyed by parameter name (torch.distributed.checkpoint's
-format); a run resumes with the strategy and process count it was started with.
+gathers only the blocks it runs. Mixed precision stays the step's autocast, with the outputs returned in
+fp32, as accelerate does for DDP, so the two compute the same numbers. Checkpoints hold the gathered
+(whole) state dicts, in the same files and keys as DDP's, except the optimizer state, which is keyed by
+parameter name (torch.distributed.checkpoint's format); a run resumes with the strategy and process count
+it was started with. FSDP needs torch >= FSDP_MIN_TORCH; the FSDP modules are imported only by its paths.
 """
 import contextlib
+import types
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from errors import UserError
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch without public DTensors: nothing is ever sharded
+    DTensor = ()
+
 STRATEGIES = ("ddp", "fsdp")
+# FSDP2 with an explicitly resharded root and register_fsdp_forward_method; the GPU machine's 2.11 and
+# CI's 2.14 are tested.
+FSDP_MIN_TORCH = (2, 8)
+# CUDA graphs replay fixed collectives' buffers; FSDP2's all-gathers are not captured here.
+CUDA_GRAPH_MODES = ("max-autotune", "reduce-overhead")
 # The methods besides forward that a sharded backbone is called through (each must gather its blocks).
 FORWARD_METHODS = ("forward_features", "forward_with_features")
 
 
-def check_precision(strategy, mixed_precision):
-    """A precision the strategy cannot train with (a config error)."""
-    if strategy == "fsdp" and mixed_precision == "fp16":
+def check_settings(strategy, mixed_precision, compile_mode):
+    """Settings the strategy cannot train with (config errors)."""
+    if strategy != "fsdp":
+        return
+    if mixed_precision == "fp16":
         raise UserError("--parallel fsdp runs with --mixed-precision bf16 or no: fp16's loss scaling would "
                         "skip steps on some processes and not others (each checks only its own gradient shard)")
+    if compile_mode in CUDA_GRAPH_MODES:
+        raise UserError(f"--compile-mode {compile_mode} records CUDA graphs, which --parallel fsdp's collectives "
+                        "are not captured in; use default or max-autotune-no-cudagraphs")
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if version < FSDP_MIN_TORCH:
+        raise UserError(f"--parallel fsdp needs torch >= {'.'.join(map(str, FSDP_MIN_TORCH))} (FSDP2); this is "
+                        f"torch {torch.__version__}")
 
 
 def check_strategy(strategy, accelerator):
@@ -61,10 +76,17 @@ def shard(module, backbone, forward_only=False):
 
 
 def prepare_student(student, accelerator, strategy):
-    """The module that runs the step: DDP's wrapper, or the student itself sharded in place."""
-    if strategy == "fsdp":
-        return shard(student, student.backbone)
-    return accelerator.prepare_model(student)
+    """The module that runs the step: DDP's wrapper, or the student itself sharded in place. Either way
+    its forward runs under the step's autocast and returns fp32 (what accelerate gives DDP), so the losses
+    see the same dtypes under both strategies."""
+    if strategy != "fsdp":
+        return accelerator.prepare_model(student)
+    if accelerator.native_amp:
+        from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
+
+        autocast = get_mixed_precision_context_manager(accelerator.native_amp, accelerator.autocast_handler)
+        student.forward = types.MethodType(convert_outputs_to_fp32(autocast(type(student).forward)), student)
+    return shard(student, student.backbone)
 
 
 def is_sharded(module) -> bool:
@@ -88,23 +110,38 @@ def _fsdp_no_sync(trained):
 
 
 def local(tensor):
-    """This process's part of a sharded tensor, or the value of a replicated one (a gathered norm); the
-    tensor itself when it is not distributed. Writes go through to the distributed tensor."""
+    """This process's part of a sharded tensor (the tensor itself when it is not distributed); writes go
+    through to the distributed tensor."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def whole(tensor):
+    """The value of a distributed tensor on every process: a no-op for a replicated one, a reduction for
+    a partial one (a norm summed over shards, as some torch versions return it); plain tensors as they are."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 @torch.no_grad()
-def full_state_dict(module):
+def full_state_dict(module, keep=True):
     """module.state_dict() with every sharded tensor gathered whole onto the CPU; a collective when the
-    module is sharded (every process must call it), the plain state dict otherwise."""
-    return {key: value.full_tensor().cpu() if isinstance(value, DTensor) else value
-            for key, value in module.state_dict().items()}
+    module is sharded (every process must call it), the plain state dict otherwise. keep=False (processes
+    that do not write): each gathered tensor is dropped at once and None returned, so host memory holds
+    one copy, on the writing process."""
+    state = {}
+    for key, value in module.state_dict().items():
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+            value = value.cpu() if keep else None
+        state[key] = value
+    return state if keep else None
 
 
 @torch.no_grad()
 def load_full_state_dict(module, state):
     """Load a whole state dict (as full_state_dict gives) into a module, sharded or not; strict keys. Each
     process keeps its own shard of every tensor (no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
     current = module.state_dict()
     pieces = {}
     for key, value in state.items():
@@ -121,6 +158,9 @@ def optimizer_state_dict(student, optimizer):
     under FSDP (a collective)."""
     if not is_sharded(student):
         return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    # whole tensors on the CPU of the first process only (the others get an empty dict)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_optimizer_state_dict(student, optimizer, options=options)
 
@@ -129,4 +169,6 @@ def load_optimizer_state_dict(student, optimizer, state):
     if not is_sharded(student):
         optimizer.load_state_dict(state)
         return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     set_optimizer_state_dict(student, optimizer, state, options=StateDictOptions(full_state_dict=True))

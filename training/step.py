@@ -5,7 +5,7 @@ import torch
 
 from conditioning import to_model_input
 from preprocessing.dataset import sample_model_input
-from training.parallel import local, no_sync
+from training.parallel import no_sync, whole
 
 
 def train_step(batches, meta, loss_fn, trained, optimizer, scaler, accelerator, weight, max_grad_norm):
@@ -27,7 +27,7 @@ def train_step(batches, meta, loss_fn, trained, optimizer, scaler, accelerator, 
         totals = detached if totals is None else totals + detached
     if scaler is not None:
         scaler.unscale_(optimizer)
-    grad_norm = local(torch.nn.utils.clip_grad_norm_(trained.parameters(), max_grad_norm))
+    grad_norm = whole(torch.nn.utils.clip_grad_norm_(trained.parameters(), max_grad_norm))
     finite = torch.isfinite(grad_norm)
     if scaler is not None:
         scaler.step(optimizer)  # the scaler skips non-finite steps itself
