@@ -66,6 +66,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -73,7 +74,6 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402
-import sra  # noqa: E402
 from bench.hardware import device_name, matmul_precision, peak_tflops  # noqa: E402
 from conditioning import CLASS, Condition  # noqa: E402
 from configs.presets import PRESETS  # noqa: E402
@@ -213,9 +213,12 @@ def build(variant, args):
             per_token_conditioning(backbone)
             per_token_conditioning(ema.model)
     elif variant == "sra-fp8":
+        config = SRAConfig(teacher_precision="fp8").resolved_for(args.model, backbone.depth)
         if torch.device(args.device).type == "cpu":  # the CPU's _scaled_mm: a smoke run of the path, no speed
-            sra.method.fp8_unsupported = lambda device: None
-        guidance = SRA(SRAConfig(teacher_precision="fp8").resolved_for(args.model, backbone.depth), context)
+            with mock.patch("sra.method.fp8_unsupported", return_value=None):
+                guidance = SRA(config, context)
+        else:
+            guidance = SRA(config, context)
     elif variant.startswith("sra"):
         guidance = SRA(SRAConfig().resolved_for(args.model, backbone.depth), context)
         if variant != "sra":

@@ -24,6 +24,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -84,13 +85,13 @@ def main(argv=None):
     teacher.to(device)
     objective = objective_for_model(name)
     defaults = sra.SRAConfig().resolved_for(name, teacher.depth)
-    # the CPU's _scaled_mm computes the GPU's quantized products; the capability check is for training runs
-    sra.method.fp8_unsupported = lambda _: None
     methods = {}
     for precision in PRECISIONS:
         config = sra.SRAConfig(student_depth=defaults.student_depth, teacher_depth=defaults.teacher_depth,
                                teacher_precision="step" if precision == "fp32" else precision)
-        methods[precision] = sra.SRA(config, GuidanceContext(objective, teacher, student_backbone, device))
+        # the CPU's _scaled_mm computes the GPU's quantized products; the capability check is for training
+        with mock.patch("sra.method.fp8_unsupported", return_value=None):
+            methods[precision] = sra.SRA(config, GuidanceContext(objective, teacher, student_backbone, device))
     head = methods["fp32"].build_head(student_backbone.hidden_size)
     student = Student(student_backbone, head, defaults.student_depth).to(device).eval()
 
