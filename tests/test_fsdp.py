@@ -152,7 +152,8 @@ def test_fsdp_trains_mmdit_as_ddp(tmp_path):
     captions = write_captioned_images(tmp_path / "images", count=12, size=8)
     preprocess(["--input", str(tmp_path / "images"), "--captions", str(captions), "--text-encoder", str(encoder),
                 "--output", str(tmp_path / "coco"), "--vae", "none", "--resolution", "8", "--num-workers", "0"])
-    text = ["--preset", "mmdit-coco-sra",  # after COMMON's flags: a flag given twice takes its last value "--model", "MMDiT-D6/2", "--global-batch-size", "4",
+    # after COMMON's flags: a flag given twice takes its last value
+    text = ["--preset", "mmdit-coco-sra", "--model", "MMDiT-D6/2", "--global-batch-size", "4",
             "--mixed-precision", "no", "--max-steps", "2"]
     for name, strategy in [("mmdit-ddp", "ddp"), ("mmdit-fsdp", "fsdp")]:
         launch(tmp_path, str(tmp_path / "coco"), *text, "--run-name", name, "--parallel", strategy)
