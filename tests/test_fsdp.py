@@ -163,3 +163,4 @@ def test_fsdp_trains_mmdit_as_ddp(tmp_path):
         for key in ddp[part]:
             torch.testing.assert_close(fsdp[part][key], ddp[part][key], rtol=0, atol=1e-7, msg=f"{part}.{key}")
     assert torch.equal(fsdp["ema"]["pos_embed"], ddp["ema"]["pos_embed"])
+    assert fsdp["config"]["model"]["model"] == "MMDiT-D6/2" and fsdp["config"]["data"]["condition"] == "text"
