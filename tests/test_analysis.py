@@ -42,14 +42,7 @@ PIXEL_NOISE = 30
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: a second thread only waits for a core, and on a busy 2-core machine
-    that made the probes 15 times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny ops: a second thread only waits for a core
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ F64 = torch.float64
 T = 1000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small float64 ops run fastest on one thread (the test machine has 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny ops: a second thread only waits for a core
 
 
 @pytest.fixture(scope="module")

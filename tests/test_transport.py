@@ -38,13 +38,7 @@ EULER_100_TOL = 0.1  # first order: measured 7.5e-2 on the linear path
 SDE_BIAS_TOL = {"linear": 0.03, "cosine": 0.05, "vp": 0.125}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small float64 ops run fastest on one thread (the test machine has 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny ops: a second thread only waits for a core
 
 
 def gaussian_posterior(path, x, t):
