@@ -39,7 +39,8 @@ class AlignmentConfig:
         type=int, minimum=1)
     align_weight: float = option(0.0, "λ, the weight of the alignment loss", minimum=0.0)
     align_weight_schedule: str = option(
-        "constant", "λ constant, or the SRA release's per-epoch decay", choices=WEIGHT_SCHEDULES)
+        "constant", "λ constant, or the SRA release's per-epoch decay from --align-weight (the release's DiT "
+        "runs start at 0.04)", choices=WEIGHT_SCHEDULES)
     align_decay_start_epoch: int = option(
         RELEASE_DECAY_START_EPOCH, "release schedule: the last epoch at full λ", minimum=0)
     align_decay_epochs: int = option(
@@ -112,6 +113,7 @@ class AlignmentInputs:
     y: Tensor  # (N,) labels or (N, L, D) text contexts: the condition the student saw (after CFG dropout)
     images: Tensor | None  # (N, 3, R, R) uint8 clean images; only for methods with needs_images
     groups: object = None  # dts.DrawnGroups: the student's token groups and their times (dual-time), or None
+    clean_y: Tensor | None = None  # the conditions before CFG dropout (None: the same as y)
 
 
 @dataclasses.dataclass
@@ -135,6 +137,7 @@ class Guidance(abc.ABC):
         if config.student_depth is None:
             raise ValueError("resolve the config for the model first (AlignmentConfig.resolved_for)")
         self.config = config
+        self.linear_init = context.backbone.linear_init  # how build_head initializes (models.init_linears)
 
     @property
     def student_depth(self) -> int:

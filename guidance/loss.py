@@ -56,7 +56,7 @@ class TrainingLoss:
         (N, L, D); images: the clean uint8 images,
         for methods that need them. Returns 0-d tensors: loss, gen, align (align is 0 without guidance)."""
         objective = self.objective
-        y = self.condition.drop(y, self.dropout_prob)
+        clean_y, y = y, self.condition.drop(y, self.dropout_prob)
         drawn = groups = None
         if self.grouping is None:
             t = where = objective.sample_time(x0.shape[0], x0.device)  # (N,)
@@ -70,6 +70,6 @@ class TrainingLoss:
         if self.guidance is None:
             return {"loss": gen, "gen": gen.detach(), "align": torch.zeros_like(gen)}
         with torch.no_grad():
-            target = self.guidance.target(AlignmentInputs(x0, eps, t, y, images, drawn))
+            target = self.guidance.target(AlignmentInputs(x0, eps, t, y, images, drawn, clean_y))
         align = self.guidance.distance(projected, target).mean()
         return {"loss": gen + weight * align, "gen": gen.detach(), "align": align.detach()}

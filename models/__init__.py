@@ -28,7 +28,7 @@ from .registry import (
     model_shape,
     parse_model_name,
 )
-from .transformer import DiT, TokenGroups, drop_labels
+from .transformer import LINEAR_INITS, DiT, TokenGroups, drop_labels, init_linears
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -39,6 +39,7 @@ __all__ = [
     "DISCRETE_STEPS",
     "DiT",
     "FAMILIES",
+    "LINEAR_INITS",
     "Family",
     "LoadedModel",
     "MMDIT_SIZES",
@@ -54,6 +55,7 @@ __all__ = [
     "drop_labels",
     "family_of",
     "guided_model_fn",
+    "init_linears",
     "load_backbone_state",
     "load_checkpoint",
     "model_family",

@@ -122,6 +122,7 @@ class MMDiT(PatchBackbone):
 
     condition = "text"
     block_list_name = "joint_blocks"  # REPA's key names
+    linear_init = "default"  # REPA's models/mmdit.py initializes nothing, its projectors included
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=768, depth=24, num_heads=24,
                  context_dim=CONTEXT_DIM, learn_sigma=False, qk_norm=False, fused_attn=True):

@@ -19,6 +19,25 @@ MAX_PERIOD = 10_000  # longest period of the timestep sinusoids (DiT release)
 MLP_RATIO = 4.0  # SPEC §1
 ADALN_NORM_EPS = 1e-6  # LayerNorm eps without affine parameters inside adaLN blocks (DiT release)
 EMBED_INIT_STD = 0.02  # init std of the label table and timestep MLP (DiT release)
+LINEAR_INITS = ("xavier", "default")
+
+
+def init_linears(module, style="xavier"):
+    """Every nn.Linear in `module` (visited as nn.Module.apply does): Xavier-uniform weights and zero biases
+    ("xavier": the `_basic_init` of the DiT, SiT, SRA and REPA SiT releases), or kept at PyTorch's default
+    initialization ("default": REPA's MMDiT). Returns the module."""
+    if style not in LINEAR_INITS:
+        raise ValueError(f"linear init must be one of {LINEAR_INITS}, got {style!r}")
+
+    def xavier(layer):
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_uniform_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+    if style == "xavier":
+        module.apply(xavier)
+    return module
 
 
 def modulate(x, shift, scale):
@@ -201,6 +220,9 @@ class PatchBackbone(nn.Module):
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     block_list_name = "blocks"  # the attribute holding the transformer blocks, in order
+    # How the reference initializes the backbone's linear layers (`init_linears`), and so the layers that
+    # guidance adds beside them (SRA's head, REPA's projectors), as the releases build those into the model.
+    linear_init = "xavier"
 
     @property
     def block_list(self) -> nn.ModuleList:
@@ -255,12 +277,7 @@ class DiT(PatchBackbone):
         self.initialize_weights()
 
     def initialize_weights(self):
-        def xavier_linear(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-
-        self.apply(xavier_linear)
+        init_linears(self, self.linear_init)
         grid = self.input_size // self.patch_size
         self.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed_2d(self.hidden_size, grid)).float()[None])
         # Patch projection initialized like a linear layer on the flattened patch (DiT release).

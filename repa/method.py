@@ -12,7 +12,7 @@ from configs.fields import option
 from errors import UserError
 from guidance.base import AlignmentConfig, AlignmentInputs, Guidance, GuidanceContext
 from guidance.distances import DISTANCES
-from models import model_shape, parse_model_name
+from models import init_linears, model_shape, parse_model_name
 
 from .encoder import DEFAULT_ENCODER, ImageEncoder, load_encoder, weights_sha256
 
@@ -47,20 +47,17 @@ class REPAConfig(AlignmentConfig):
         return ENCODER_DEPTHS.get(size) or max(1, round(model_shape(model_name)[0] / 3))
 
 
-def build_projector(hidden_size: int, projector_dim: int, target_dim: int) -> nn.Sequential:
+def build_projector(hidden_size: int, projector_dim: int, target_dim: int, init: str = "xavier") -> nn.Sequential:
     """Linear(D, P) → SiLU → Linear(P, P) → SiLU → Linear(P, z): REPA's `build_mlp`, so the
-    `projectors.0.*` keys of its checkpoints load here, initialized as REPA's model initializes every
-    linear layer (Xavier-uniform weights, zero biases)."""
+    `projectors.0.*` keys of its checkpoints load here, initialized as REPA's model initializes its other
+    linear layers (`PatchBackbone.linear_init`): Xavier-uniform weights and zero biases in its SiT,
+    PyTorch's default in its MMDiT."""
     projector = nn.Sequential(
         nn.Linear(hidden_size, projector_dim), nn.SiLU(),
         nn.Linear(projector_dim, projector_dim), nn.SiLU(),
         nn.Linear(projector_dim, target_dim),
     )
-    for layer in projector:
-        if isinstance(layer, nn.Linear):
-            nn.init.xavier_uniform_(layer.weight)
-            nn.init.zeros_(layer.bias)
-    return projector
+    return init_linears(projector, init)
 
 
 class REPA(Guidance):
@@ -81,7 +78,7 @@ class REPA(Guidance):
         self.weights_sha256 = weights_sha256(self.encoder.vit)
 
     def build_head(self, hidden_size):
-        return build_projector(hidden_size, self.config.repa_projector_dim, self.encoder.embed_dim)
+        return build_projector(hidden_size, self.config.repa_projector_dim, self.encoder.embed_dim, self.linear_init)
 
     def target(self, inputs: AlignmentInputs):
         """The encoder's patch tokens of the clean images (N, T, D_encoder)."""

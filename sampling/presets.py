@@ -43,6 +43,11 @@ PRESETS = {
     "dit-xl2-256": {
         "family": "DiT", "sampler": "ddpm", "num_steps": 250, "cfg_scale": 1.0, "rounding": "nearest",
     },
+    # DiT-XL/2 + SRA (the SRA release's DiT-SRA/gen.sh: DDPM 250 steps, no CFG; its generate.py truncates
+    # clamp(255·x) to uint8, "floor"). The paper plots DiT + SRA without guidance.
+    "dit-xl2-sra-256": {
+        "family": "DiT", "sampler": "ddpm", "num_steps": 250, "cfg_scale": 1.0, "rounding": "floor",
+    },
     # SRA paper's text-to-image table (SPEC §8): ODE, 50 steps (Euler, REPA's generate_t2i.py --mode ode);
     # CFG 1.5 on every step with the empty caption (that script's defaults); clamp-and-truncate rounding
     # (its clamp(255·x) to uint8). 30K samples: MS-COCO's FID-30K (U-ViT's protocol); REPA's script

@@ -152,7 +152,7 @@ class SRA(Guidance):
         return stack
 
     def build_head(self, hidden_size):
-        return ProjectionHead(hidden_size) if self.config.projection_head else None
+        return ProjectionHead(hidden_size, self.linear_init) if self.config.projection_head else None
 
     def teacher_time(self, t, n, device):
         """t_T = shift_time(t, Δ) for a fresh Δ (SPEC §3 step 1), with the DiT release's floor if asked."""
@@ -182,6 +182,9 @@ class SRA(Guidance):
         self_flow: the whole image at t_min, the smallest group time; with --teacher-mask the first
         group's tokens are noised to t_min and the other groups' tokens are clean (noise level 0), all
         conditioned on t_min, with the student's groups (as the release does).
+        The teacher sees the labels before CFG dropout: the release drops them inside the student's label
+        embedder, which its teacher, in eval mode, does not run (plain SRA's teacher sees the dropped ones,
+        SPEC §3 step 4, as that release passes them).
         """
         drawn, objective, config = inputs.groups, self.objective, self.config
         groups = drawn.groups if config.teacher_mask else None
@@ -203,6 +206,7 @@ class SRA(Guidance):
                 t_teacher = objective.shift_time(drawn.times, delta)
             where = drawn.time_map(t_teacher)
         x_teacher = objective.noisy(inputs.x0, inputs.eps, where)
+        y = inputs.y if inputs.clean_y is None else inputs.clean_y
         with self.teacher_precision():
-            return self.teacher.forward_features(x_teacher, objective.model_time(t_teacher), inputs.y,
+            return self.teacher.forward_features(x_teacher, objective.model_time(t_teacher), y,
                                                  config.teacher_depth, groups)

@@ -149,14 +149,17 @@ def ref_forward(sd, images, t_tok, y, ids, separate, feature_block, head=None):
 
 
 def release_loss(student_sd, head_sd, teacher_sd, x0, eps, y, ids, times, delta, teacher_t, teacher_mask,
-                 separate, distance="cosine"):
-    """SRALoss.__call__ of the release for given draws; times and delta (N, G). Returns every piece."""
+                 separate, distance="cosine", dropped=None):
+    """SRALoss.__call__ of the release for given draws; times and delta (N, G); dropped: (N,) bool, the
+    labels the student's embedder drops for CFG (training mode), which the teacher (eval mode) keeps.
+    Returns every piece."""
     n, num_groups = times.shape
+    y_student = y if dropped is None else torch.where(dropped, NULL_CLASS, y)
     at = lambda t, x, e: (1 - t.view(n, 1, 1, 1)) * x + t.view(n, 1, 1, 1) * e  # noqa: E731
     group_inputs = torch.cat([at(times[:, g], x0, eps) for g in range(num_groups)])
     group_targets = torch.cat([eps - x0 for _ in range(num_groups)])  # d_alpha·x0 + d_sigma·ε, linear path
     t_tok = ref_per_token_scalar(times, ids)
-    out, xr = ref_forward(student_sd, group_inputs, t_tok, y, ids, separate, STUDENT_DEPTH, head_sd)
+    out, xr = ref_forward(student_sd, group_inputs, t_tok, y_student, ids, separate, STUDENT_DEPTH, head_sd)
     gt_token = ref_pick_by_group(ref_patchify(group_targets), ids)
     gen = ((out - gt_token) ** 2).mean(dim=(1, 2)).mean()
 
@@ -391,6 +394,38 @@ def test_training_loss_call_equals_release(monkeypatch, teacher_t, teacher_mask,
     terms["loss"].backward()  # the graph reaches the student and head, not the teacher
     assert all(p.grad is not None for p in head.parameters())
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_teacher_keeps_the_labels_cfg_drops(monkeypatch):
+    """With CFG dropout the student trains on the null class for the dropped samples, and the teacher still
+    sees their labels: the release drops labels inside the student's embedder (training mode), which its
+    eval-mode teacher does not. Every label is dropped here (p = 1), so ignoring the difference would move
+    the whole target."""
+    n, weight, seed = 3, 0.7, 7
+    student_model, head, teacher = make_models()
+    x0, _, y = make_batch(n)
+    ids = make_ids((0.25,), n, full_row=False)
+    times, delta = make_times(n, 2, dual_time=True)
+    inject_delta(monkeypatch, delta)
+    objective = FlowObjective()
+    config = TokenGroupsConfig(mask_ratio=(0.25,), dual_time_scheduling=True, attention_separation=True)
+    grouping = TokenGrouping(config, objective, TOKENS, PATCH)
+    monkeypatch.setattr(grouping, "draw", lambda *a, **k: DrawnGroups(ids, times, True, PATCH))
+    loss_fn = TrainingLoss(objective, 1.0, NULL_CLASS, sra_guidance(teacher, student_model, "sra", True), grouping)
+
+    torch.manual_seed(seed)
+    terms = loss_fn(Student(student_model, head, STUDENT_DEPTH), x0, y, weight)
+    torch.manual_seed(seed)
+    torch.rand(n)  # the dropout draw
+    eps = torch.randn_like(x0)
+    everything = torch.ones(n, dtype=torch.bool)
+    ref = release_loss(state(student_model), state(head), state(teacher), x0, eps, y, ids, times, delta,
+                       "sra", True, True, dropped=everything)
+    assert_close(terms["gen"], ref["gen"], "gen")
+    assert_close(terms["align"], ref["align"], "align")
+    null_teacher = release_loss(state(student_model), state(head), state(teacher), x0, eps,
+                                torch.full_like(y, NULL_CLASS), ids, times, delta, "sra", True, True)
+    assert abs(null_teacher["align"] - ref["align"]) > 1e-4  # the labels the teacher sees matter here
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -100,6 +100,15 @@ def test_projector_is_repas_mlp_with_its_key_names_and_init():
     projector.load_state_dict({key[2:]: value for key, value in extras["projectors"].items()}, strict=True)
 
 
+def test_projector_keeps_pytorchs_init_on_repas_mmdit():
+    """REPA's models/mmdit.py initializes no layer, its projectors included (its SiT uses Xavier)."""
+    torch.manual_seed(0)
+    projector = build_projector(32, 2048, 768, init="default")
+    for layer, fan_in in ((projector[0], 32), (projector[2], 2048), (projector[4], 2048)):
+        assert 0.95 * fan_in ** -0.5 < float(layer.weight.detach().abs().max()) <= fan_in ** -0.5
+        assert float(layer.bias.detach().abs().max()) > 0
+
+
 def test_encoder_gets_no_gradient_and_stays_frozen():
     student, method, loss_fn = repa_parts()
     x0, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 1, 2])

@@ -128,6 +128,9 @@ def test_presets_set_the_papers_settings_and_flags_override():
     assert sampling.resolve("sit-xl2-sra-256", {})["cfg_scale"] == 1.0
     assert sampling.resolve("dit-xl2-256-cfg", {"cfg_scale": 4.0})["cfg_scale"] == 4.0
     assert sampling.resolve(None, {})["rounding"] == "nearest"
+    dit_sra = sampling.resolve("dit-xl2-sra-256", {})  # the SRA release's DiT-SRA/gen.sh and generate.py
+    assert (dit_sra["family"], dit_sra["sampler"], dit_sra["num_steps"]) == ("DiT", "ddpm", 250)
+    assert (dit_sra["cfg_scale"], dit_sra["rounding"]) == (1.0, "floor")
 
 
 # --- sample_ddp.py end to end ------------------------------------------------------------------

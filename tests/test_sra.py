@@ -38,6 +38,27 @@ def identity_head_(head):
         head.linear2.bias.zero_()
 
 
+@pytest.mark.parametrize("name, linear_init", [("SiT-S/2", "xavier"), ("DiT-S/2", "xavier"),
+                                               ("MMDiT-D6/2", "default")])
+def test_head_starts_as_the_backbones_linear_layers(name, linear_init):
+    """The releases build the head into their SiT/DiT, whose init gives every Linear Xavier-uniform weights
+    and zero biases; on REPA's MMDiT, which initializes nothing, the head keeps PyTorch's default."""
+    torch.manual_seed(0)
+    backbone = models.create_model(name, input_size=8, num_classes=0 if name.startswith("MMDiT") else 10,
+                                   depth=2, hidden_size=64, num_heads=2)
+    method = sra.SRA(sra.SRAConfig(student_depth=1, teacher_depth=2),
+                     GuidanceContext(create_objective("flow"), backbone, backbone, torch.device("cpu")))
+    head = method.build_head(64)
+    assert backbone.linear_init == method.linear_init == linear_init
+    for layer in (head.linear1, head.linear2):
+        fan_in, fan_out = layer.in_features, layer.out_features
+        largest, bias = float(layer.weight.detach().abs().max()), float(layer.bias.detach().abs().max())
+        # Xavier-uniform: U(±√(6/(in+out))); PyTorch's default: U(±1/√in), biases too
+        bound = (6 / (fan_in + fan_out)) ** 0.5 if linear_init == "xavier" else fan_in ** -0.5
+        assert 0.95 * bound < largest <= bound
+        assert (bias == 0) == (linear_init == "xavier")
+
+
 def test_teacher_gets_no_gradients_and_builds_no_graph():
     student, ema, loss_fn = make_parts()
     x0, y = batch()
