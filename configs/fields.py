@@ -5,6 +5,7 @@ method's config), with its default and one line of help in one place, so `train.
 presets and the code cannot disagree. The flag is the field's name with hyphens: `t_max` is `--t-max`.
 """
 import dataclasses
+import math
 
 ON_OFF = ("on", "off")
 
@@ -50,6 +51,8 @@ def check_range(config):
         meta = field.metadata
         if value is None or isinstance(value, (bool, tuple)):
             continue
+        if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below
+            return f"{flag_name(field.name)} {value}: must be a finite number"
         if meta.get("choices") is not None and value not in meta["choices"]:
             return f"{flag_name(field.name)} {value}: choose one of {', '.join(map(str, meta['choices']))}"
         low, high = meta.get("minimum"), meta.get("maximum")

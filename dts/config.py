@@ -1,6 +1,7 @@
 """The token-group flags: a section of the training config (configs/schema.py)."""
 import argparse
 import dataclasses
+import math
 
 from configs.fields import check_range, option
 from errors import UserError
@@ -22,6 +23,8 @@ def parse_ratios(text) -> tuple[float, ...]:
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expected a share like 0.25 or shares like 0.5,0.3,0.2, got {text!r}") from None
+    if not all(math.isfinite(value) for value in values):
+        raise argparse.ArgumentTypeError(f"shares must be finite numbers, got {text!r}")
     return tuple(values)
 
 

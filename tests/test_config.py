@@ -72,6 +72,12 @@ def test_repa_presets_carry_repas_settings():
     (["--ema-decay", "1.5"], "--ema-decay 1.5: must be <= 1"),
     (["--class-dropout-prob", "1"], "--class-dropout-prob 1.0: must be <= 0.99"),
     (["--eval-every", "10"], "--eval-every needs --eval-ref"),
+    # nan fails every comparison, so a range check alone would let it through
+    (["--t-max", "nan"], "--t-max nan: must be a finite number"),
+    (["--lr", "nan"], "--lr nan: must be a finite number"),
+    (["--align-weight", "inf"], "--align-weight inf: must be a finite number"),
+    (["--max-grad-norm", "nan"], "--max-grad-norm nan: must be a finite number"),
+    (["--mask-ratio", "0.5,nan", "--attention-separation", "on"], "shares must be finite numbers"),
 ])
 def test_refused_flags_name_the_problem(argv, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
