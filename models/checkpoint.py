@@ -56,6 +56,9 @@ UNPICKLER_DETAIL = "WeightsUnpickler error:"  # precedes the specific part of to
 # What torch.load raises for a file that is truncated, corrupt or no torch.save file at all.
 UNREADABLE_FILE_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, IndexError,
                           KeyError, struct.error)
+# This project's training checkpoints carry a sha256 over the rest of their content under this key
+# (training/checkpoints.py writes it); every reader recomputes it, so a flipped byte is caught.
+DIGEST_KEY = "sha256"
 
 
 @dataclasses.dataclass
@@ -99,6 +102,40 @@ def split_extras(state_dict):
         else:
             backbone[key] = value
     return backbone, extras
+
+
+def content_digest(value, digest=None):
+    """sha256 over a checkpoint's content in a fixed order: dict keys sorted, tensors by dtype, shape and
+    bytes, anything else by its repr."""
+    digest = digest or hashlib.sha256()
+    if isinstance(value, dict):
+        digest.update(b"{")
+        for key in sorted(value, key=repr):
+            digest.update(repr(key).encode() + b":")
+            content_digest(value[key], digest)
+        digest.update(b"}")
+    elif isinstance(value, list | tuple):
+        digest.update(b"[")
+        for item in value:
+            content_digest(item, digest)
+        digest.update(b"]")
+    elif isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"tensor{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        digest.update(repr(value).encode())
+    return digest
+
+
+def check_content_digest(state):
+    """`state` without its DIGEST_KEY entry, once the content hashes to it; ValueError otherwise."""
+    state = dict(state)
+    expected = state.pop(DIGEST_KEY)
+    actual = content_digest(state).hexdigest()
+    if actual != expected:
+        raise ValueError(f"checksum mismatch: the content hashes to {actual[:16]}…, the file says {expected[:16]}…")
+    return state
 
 
 def read_checkpoint_file(path, map_location="cpu", mmap=False):
@@ -322,6 +359,11 @@ def load_checkpoint(path, model_name=None, *, time_convention=None, prefer="ema"
     """
     raw = read_checkpoint_file(path, map_location)
     try:
+        if isinstance(raw, dict) and DIGEST_KEY in raw:  # this project's training file: verify it first
+            try:
+                raw = check_content_digest(raw)
+            except ValueError as error:
+                raise UserError(f"the file is damaged ({error}); use another checkpoint of the run") from None
         return _build(raw, model_name, time_convention, prefer)
     except UserError as error:
         raise UserError(f"{path}: {error}") from None

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import models
 import train
 from errors import UserError
 from training.checkpoints import read_checkpoint
@@ -189,6 +190,10 @@ def test_corrupt_checkpoints_are_detected_and_never_lost(tmp_path, data_dir, cap
     flip_byte_in_largest_tensor(checkpoints / "step_0000004.pt")
     with pytest.raises(ValueError, match="checksum mismatch"):
         read_checkpoint(checkpoints / "step_0000004.pt")
+    # Sampling and analysis (models.load_checkpoint) refuse it too, instead of sampling damaged weights.
+    with pytest.raises(UserError, match=r"step_0000004.pt: the file is damaged \(checksum mismatch"):
+        models.load_checkpoint(checkpoints / "step_0000004.pt")
+    assert models.load_checkpoint(checkpoints / "step_0000002.pt").name == "SiT-T/2"
     # A rerun falls back to step 2, says so, and keeps the corrupt file it passed over.
     run(tmp_path, data_dir, *common, "--max-steps", "3")
     assert "skipping unreadable checkpoint" in capsys.readouterr().out

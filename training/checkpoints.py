@@ -5,7 +5,6 @@ A checkpoint is one file `step_XXXXXXX.pt` written under a temporary name, fsync
 crash never leaves a half-written file under the final name. It carries a sha256 over its whole content
 (every tensor's bytes and every other value), recomputed on load: a flipped byte anywhere is caught.
 """
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -15,39 +14,15 @@ import torch.distributed as dist
 
 import models
 from errors import UserError
+from models.checkpoint import DIGEST_KEY, check_content_digest, content_digest
 from objectives.registry import describe
 from training.parallel import full_state_dict, load_full_state_dict, load_optimizer_state_dict, optimizer_state_dict
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})\.pt$")
-DIGEST_KEY = "sha256"
 
 
 def checkpoint_path(directory, step):
     return Path(directory) / f"step_{step:07d}.pt"
-
-
-def content_digest(value, digest=None):
-    """sha256 over a checkpoint's content in a fixed order: dict keys sorted, tensors by dtype, shape and
-    bytes, anything else by its repr."""
-    digest = digest or hashlib.sha256()
-    if isinstance(value, dict):
-        digest.update(b"{")
-        for key in sorted(value, key=repr):
-            digest.update(repr(key).encode() + b":")
-            content_digest(value[key], digest)
-        digest.update(b"}")
-    elif isinstance(value, list | tuple):
-        digest.update(b"[")
-        for item in value:
-            content_digest(item, digest)
-        digest.update(b"]")
-    elif isinstance(value, torch.Tensor):
-        tensor = value.detach().cpu().contiguous()
-        digest.update(f"tensor{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    else:
-        digest.update(repr(value).encode())
-    return digest
 
 
 def save_atomic(state, path):
@@ -79,11 +54,7 @@ def read_checkpoint(path, map_location="cpu"):
         if isinstance(state, dict) and state.get("format") == models.CHECKPOINT_FORMAT_V1:
             return state  # written before checksums existed
         raise ValueError("not a training checkpoint of this project (no checksum)")
-    expected = state.pop(DIGEST_KEY)
-    actual = content_digest(state).hexdigest()
-    if actual != expected:
-        raise ValueError(f"checksum mismatch: the content hashes to {actual[:16]}…, the file says {expected[:16]}…")
-    return state
+    return check_content_digest(state)
 
 
 def load_latest(directory, map_location="cpu"):
