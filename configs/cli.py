@@ -162,6 +162,14 @@ def _check_groups(groups, given: dict, model_name: str) -> None:
                         "--dual-time-scheduling on or --attention-separation on")
 
 
+def _refuse_unused(config, given: dict) -> None:
+    """A flag given for a field that the config's other values make irrelevant is an error."""
+    unused = [f"{flag_name(name)} applies only with {needs}"
+              for name, needs in config.unused_fields().items() if name in given]
+    if unused:
+        raise UserError("; ".join(unused))
+
+
 def _pick(cls, values: dict):
     return cls(**{field.name: values[field.name] for field in dataclasses.fields(cls) if field.name in values})
 
@@ -185,13 +193,11 @@ def resolve(preset: str | None = None, given: dict | None = None) -> TrainConfig
     if model.learn_sigma is None:
         model = dataclasses.replace(model, learn_sigma=family_of(model.model).learn_sigma)
     sections = {name: _pick(cls, values) for name, cls in SECTIONS.items() if name != "model"}
+    _refuse_unused(sections["output"], given)
     guidance = None
     if method != NONE:
         guidance = _pick(config_class(method), values).resolved_for(model.model, model.depth)
-        unused = [f"{flag_name(name)} applies only with {needs}"
-                  for name, needs in guidance.unused_fields().items() if name in given]
-        if unused:
-            raise UserError("; ".join(unused))
+        _refuse_unused(guidance, given)
         guidance = guidance.with_run_length(sections["optim"].max_steps)
     _check_groups(sections["groups"], given, model.model)
     return TrainConfig(preset=preset, model=model, guidance=guidance, **sections)

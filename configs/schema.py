@@ -120,6 +120,19 @@ class OutputConfig(Section):
         if self.eval_every and not self.eval_ref:
             raise UserError("--eval-every needs --eval-ref (reference statistics from evaluations.evaluator)")
 
+    def unused_fields(self) -> dict[str, str]:
+        """Fields the other values make irrelevant, each with the setting it needs (a flag given for one of
+        them is refused, as a guidance method's are)."""
+        unused = {}
+        if not self.eval_every:
+            unused.update(dict.fromkeys(("eval_ref", "eval_samples", "eval_batch_size", "eval_steps"),
+                                        "--eval-every"))
+        if not self.sample_every:
+            unused.update(dict.fromkeys(("sample_grid_size", "sample_steps"), "--sample-every"))
+        if not (self.sample_every or self.eval_every):
+            unused["vae"] = "--sample-every or --eval-every (it decodes the grids and the FID samples)"
+        return unused
+
 
 SECTIONS = {
     "run": RunConfig,

@@ -72,6 +72,9 @@ def test_repa_presets_carry_repas_settings():
     (["--ema-decay", "1.5"], "--ema-decay 1.5: must be <= 1"),
     (["--class-dropout-prob", "1"], "--class-dropout-prob 1.0: must be <= 0.99"),
     (["--eval-every", "10"], "--eval-every needs --eval-ref"),
+    (["--eval-ref", "ref.npz"], "--eval-ref applies only with --eval-every"),
+    (["--sample-every", "0", "--sample-grid-size", "4"], "--sample-grid-size applies only with --sample-every"),
+    (["--sample-every", "0", "--vae", "ema"], "--vae applies only with --sample-every or --eval-every"),
     # nan fails every comparison, so a range check alone would let it through
     (["--t-max", "nan"], "--t-max nan: must be a finite number"),
     (["--lr", "nan"], "--lr nan: must be a finite number"),
