@@ -19,14 +19,15 @@ from configs import cli
 from errors import UserError, run_cli
 from guidance.registry import METHODS
 from preprocessing.dataset import LatentDataset, ResumableSampler, make_loader
-from sampling.pipeline import load_decoder
+from preprocessing.store import sha256_file
+from sampling.pipeline import check_compatible, load_decoder
 from training.checkpoints import check_loadable, load_latest, own_teacher, restore, save_checkpoint
 from training.fid import InTrainingFID
 from training.guard import NonFiniteGuard
 from training.metrics import MetricsLogger
 from training.parallel import check_strategy
 from training.samples import ConditionDraws, grid_inputs, save_sample_grid
-from training.setup import build_run, check_resumable, compile_run, data_facts, run_record
+from training.setup import build_run, carry_identity, check_resumable, compile_run, data_facts, run_record
 from training.step import micro_batches, train_step
 
 
@@ -54,6 +55,7 @@ def resume_state(config, run_dir, record, accelerator):
     if state is not None:
         check_loadable(state, path, accelerator)
         check_resumable(state["config"], record)
+        carry_identity(state["config"], record)
     return state, path
 
 
@@ -74,14 +76,17 @@ def main(argv=None):
     run_dir = Path(config.run.results_dir) / config.run_name
     parts = build_run(config, facts, accelerator, dataset)
     draws = ConditionDraws(parts.condition, dataset)
+    output = config.output
     identity = parts.guidance.identity() if parts.guidance is not None else {}
+    if output.eval_every:  # the FID rows of a run are against one reference, known by content
+        identity["eval_ref_sha256"] = sha256_file(Path(output.eval_ref)) if Path(output.eval_ref).is_file() else None
     record = run_record(config, facts, identity)
     state, state_path = resume_state(config, run_dir, record, accelerator)
     start_step = state["step"] if state is not None else 0
-    output = config.output
     decoder = eval_fid = None
     if output.sample_every or output.eval_every:
         decoder = load_decoder(output.vae, {"vae": output.vae, "data_dir": config.run.data_dir}, device)
+        check_compatible(parts.student.backbone, decoder, None, 1.0)
     if output.eval_every:
         eval_fid = InTrainingFID(output.eval_ref, output.eval_samples, output.eval_batch_size, output.eval_steps,
                                  dataset.meta["sample_shape"], draws, accelerator,

@@ -1,4 +1,5 @@
 """End-to-end runs of train.py on a tiny generated pixel dataset (CPU)."""
+import hashlib
 import json
 import os
 import subprocess
@@ -146,6 +147,23 @@ def test_fid_during_training(tmp_path, data_dir, monkeypatch):
     lines = [json.loads(x) for x in (tmp_path / "debug" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == 2 and lines[-1]["fid4"] == 12.5
     assert lines[-1]["train_time_s"] == lines[-2]["train_time_s"] > 0  # training time only, logged with FID
+    # The reference is part of the run by content: moved, it resumes; other statistics are refused.
+    record = json.loads((tmp_path / "debug" / "config.json").read_text())
+    assert record["identity"]["eval_ref_sha256"] == hashlib.sha256(reference.read_bytes()).hexdigest()
+    other = tmp_path / "other.npz"
+    save_statistics(other, Activations(pool.numpy()[:5], spatial.numpy()[:5]).statistics())
+    with pytest.raises(UserError, match=r"--eval-ref .*other.npz has other content than the file this run's FID"):
+        run(tmp_path, data_dir, "--max-steps", "3", "--sample-every", "0", "--eval-every", "2", "--eval-ref",
+            str(other), "--eval-samples", "4", "--eval-batch-size", "2", "--eval-steps", "2")
+    moved = tmp_path / "moved.npz"
+    reference.rename(moved)
+    run(tmp_path, data_dir, "--max-steps", "3", "--sample-every", "0")  # no evaluation: the identity stays
+    with pytest.raises(UserError, match="has other content"):
+        run(tmp_path, data_dir, "--max-steps", "4", "--sample-every", "0", "--eval-every", "2", "--eval-ref",
+            str(other), "--eval-samples", "4", "--eval-batch-size", "2", "--eval-steps", "2")
+    run(tmp_path, data_dir, "--max-steps", "4", "--sample-every", "0", "--eval-every", "2", "--eval-ref",
+        str(moved), "--eval-samples", "4", "--eval-batch-size", "2", "--eval-steps", "2")
+    assert len(seen) == 2  # step 4's FID, against the same statistics
 
 
 def test_repa_end_to_end_records_its_encoder(tmp_path, data_dir):

@@ -7,6 +7,7 @@ import torch
 
 import models
 from conditioning import CLASS, of_dataset
+from configs.fields import flag_name
 from configs.schema import OutputConfig
 from dts import TokenGrouping
 from errors import UserError
@@ -29,6 +30,9 @@ RESUMABLE = {
 ADDED_DATA_FACTS = {"data.condition": CLASS, "data.context_shape": None, "data.text_encoder": None,
                     "data.text_encoder_sha256": None}  # records made before text conditioning
 ADDED_RUN_SETTINGS = {"optim.parallel": "ddp"}  # records made before --parallel
+# Identities a resumed run may add (an evaluation turned on) but never change: FID rows against two
+# reference sets would share one curve. Identity key -> the setting naming the file.
+EVOLVING_IDENTITY = {"eval_ref_sha256": "output.eval_ref"}
 ADDED_SETTINGS = {"guidance.teacher_t": "sra", "guidance.teacher_mask": True, "guidance.projection_head": True,
                   "guidance.teacher_update": "ema", "guidance.teacher_momentum_start": 0.996,
                   "guidance.teacher_momentum_steps": None, "guidance.teacher_precision": "step"}
@@ -108,12 +112,27 @@ def check_resumable(saved: dict, record: dict) -> None:
     old, new = {**added, **_flat(saved)}, {**added, **_flat(record)}
     if old.get("guidance.method") == "sra":
         old = {**ADDED_SETTINGS, **old}
+    for key, setting in EVOLVING_IDENTITY.items():
+        before, now = old.pop(f"identity.{key}", None), new.pop(f"identity.{key}", None)
+        if before is not None and now is not None and before != now:
+            raise UserError(f"{flag_name(setting.split('.')[-1])} {new.get(setting)} has other content than the file "
+                            f"this run's FID rows were computed against (sha256 {now[:12]}… vs {before[:12]}…), and "
+                            "one curve would mix two references; give that file, or use another --run-name")
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE)
     if changed:
         details = ", ".join(f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in changed[:6])
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
         raise UserError(f"this run directory holds a run with a different config ({details}{more}); "
                         "use another --run-name, or the original flags")
+
+
+def carry_identity(saved: dict, record: dict) -> None:
+    """A resumed run without an evaluation keeps the reference its FID rows were computed against, so that
+    turning the evaluation back on later is checked against it too."""
+    for key in EVOLVING_IDENTITY:
+        old = saved.get("identity", {}).get(key)
+        if old is not None and record["identity"].get(key) is None:
+            record["identity"][key] = old
 
 
 def build_model(config, facts: DataFacts, condition):
