@@ -8,7 +8,9 @@ run their `main` through `run_cli`, which prints that message as one line, `erro
 with code 2, as argparse does for a bad flag. Any other exception is a bug and keeps its traceback.
 """
 import argparse
+import os
 import sys
+from pathlib import Path
 
 EXIT_USER_ERROR = 2  # argparse's exit status for a usage error
 
@@ -35,3 +37,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
+
+
+def check_output_dir(directory, flag: str) -> None:
+    """Error unless `directory` (given as `flag`) is a folder, or can be created as one, that this user may
+    write in. Creates nothing, so that a run refused later leaves no trace."""
+    directory = Path(directory)
+    nearest = next(path for path in [directory.absolute(), *directory.absolute().parents] if path.exists())
+    if not nearest.is_dir():
+        where = ("exists and is not a directory" if nearest == directory.absolute()
+                 else f"cannot be created: {nearest} is not a directory")
+        raise UserError(f"{flag} {directory} {where}")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {directory}: no permission to write in {nearest}")

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from configs import cli
-from errors import UserError, run_cli
+from errors import UserError, check_output_dir, run_cli
 from guidance.registry import METHODS
 from preprocessing.dataset import LatentDataset, ResumableSampler, make_loader
 from preprocessing.store import sha256_file
@@ -74,6 +74,7 @@ def main(argv=None):
     dataset = open_dataset(config, accelerator)
     facts = data_facts(config, dataset, accelerator.num_processes)
     run_dir = Path(config.run.results_dir) / config.run_name
+    check_output_dir(run_dir, "--results-dir/--run-name")
     parts = build_run(config, facts, accelerator, dataset)
     draws = ConditionDraws(parts.condition, dataset)
     output = config.output

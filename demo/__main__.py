@@ -32,7 +32,7 @@ import train
 from analysis.__main__ import main as analyze
 from demo import classifier, dataset, report
 from demo.paths import RUNS, DemoPaths
-from errors import ArgumentParser, UserError, run_cli
+from errors import ArgumentParser, UserError, check_output_dir, run_cli
 from evaluations import evaluator
 from evaluations.inception import default_weights_path, verify_weights_file
 from preprocessing.__main__ import main as preprocess
@@ -107,6 +107,7 @@ def resolve_settings(args) -> dict:
 
 def claim_output_dir(paths: DemoPaths, settings: dict) -> None:
     """Record the settings in a new output directory, or check that an existing one used the same."""
+    check_output_dir(paths.root, "--output-dir")
     if paths.settings.is_file():
         saved = json.loads(paths.settings.read_text())
         changed = sorted(key for key in set(saved) | set(settings) if saved.get(key) != settings.get(key))

@@ -111,6 +111,9 @@ CASES = {
                                                "--eval-ref"),
     "train: --eval-ref missing": (train.main, lambda r: train_argv(r, "--eval-every", "2", "--eval-ref",
                                                                    str(r / "missing.npz")), "missing.npz"),
+    "train: --results-dir under a file": (train.main, lambda r: train_argv(r, "--results-dir", str(r / "a-file")),
+                                          "cannot be created: "),
+    "train: --t-max nan": (train.main, lambda r: train_argv(r, "--t-max", "nan"), "--t-max nan: must be a finite"),
     "train: --class-dropout-prob 1.5": (train.main, lambda r: train_argv(r, "--class-dropout-prob", "1.5"),
                                         "--class-dropout-prob 1.5"),
     "train: DiT --t-max too small": (train.main, lambda r: train_argv(r, "--model", "DiT-T/2", "--t-max", "1e-4"),
@@ -195,6 +198,10 @@ CASES = {
     "demo: --images-per-class 1": (demo_main, lambda r: ["--images-per-class", "1", "--output-dir",
                                                          str(r / "demo2")], "--images-per-class"),
     "demo: --steps 0": (demo_main, lambda r: ["--steps", "0", "--output-dir", str(r / "demo3")], "--steps"),
+    "demo: --output-dir a file": (demo_main, lambda r: ["--output-dir", str(r / "a-file")],
+                                  "a-file exists and is not a directory"),
+    "demo: --output-dir under a file": (demo_main, lambda r: ["--output-dir", str(r / "a-file" / "sub")],
+                                        "cannot be created"),
 }
 
 
