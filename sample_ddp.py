@@ -7,7 +7,9 @@
         --preset mmdit-coco-ode50 --captions coco/annotations/captions_val2014.json   # text to image
 
 The file goes to results/samples/ (git-ignored, like every tool's output) under a name derived from
-the settings; --output-dir or --output choose another place.
+the settings; --output-dir or --output (a path ending in .npz) choose another place. An existing file
+there is reused only when the settings record beside it (NAME.json) matches; any other file is refused,
+never overwritten.
 
 Each sample's noise (the initial noise and a stochastic sampler's) and condition (its label, or its
 caption from --captions) depend on (--seed, its index) only, so the images do not depend on the number
@@ -52,6 +54,7 @@ from sampling import (
     training_info,
     write_settings,
 )
+from sampling.shards import SETTINGS_FILE, temp_files
 
 PER_PROC_BATCH_SIZE = 32  # DiT release sample_ddp.py; raise it on large GPUs
 VAE_BATCH_SIZE = 64  # images per VAE decoder call: bounds the decoder's memory at 256-512 px
@@ -122,7 +125,8 @@ def parse_args(argv=None):
          help="where the .npz goes; its name is derived from the settings; --output-dir samples is the "
               "older default (default: %(default)s)")
     flag("--output", metavar="PATH",
-         help="the .npz path, instead of the derived name in --output-dir (default: derived)")
+         help="the .npz path (it must end in .npz), instead of the derived name in --output-dir "
+              "(default: derived)")
     flag("--save-png", action="store_true", help="also write every image as a PNG (default: off)")
     return parser.parse_args(argv)
 
@@ -271,13 +275,41 @@ def check_writable(directory: Path) -> None:
         raise UserError(f"the output directory {directory} is not writable: {existing} denies writing")
 
 
+def check_output(npz_path: Path, save_png: bool) -> None:
+    """Error unless `npz_path` can be this run's output: a `.npz` name, in a writable directory, and, if
+    it exists, a file with a settings record beside it (NAME.json, or the NAME.work/settings.json of a run
+    killed just after assembling it), which check_settings then compares. Neither the settings file, the
+    work folder nor the PNG folder may be in the way. Creates nothing."""
+    if npz_path.suffix != ".npz":
+        raise UserError(f"--output {npz_path} must end in .npz (the evaluator reads .npz files), e.g. "
+                        f"{npz_path.with_name(npz_path.name + '.npz')}")
+    check_writable(npz_path.parent)
+    settings_path, work_dir = npz_path.with_suffix(".json"), npz_path.with_suffix(".work")
+    if npz_path.exists() and not npz_path.is_file():
+        raise UserError(f"{npz_path} exists and is not a file; pass another --output")
+    if npz_path.is_file() and not settings_path.is_file() and not (work_dir / SETTINGS_FILE).is_file():
+        raise UserError(f"{npz_path} exists and has no settings record beside it ({settings_path.name}): it is "
+                        "not the output of this sampler, so it is left alone; pass another --output, or move "
+                        "the file away")
+    if settings_path.exists() and not settings_path.is_file():
+        raise UserError(f"the settings record {settings_path} exists and is not a file; pass another --output")
+    if work_dir.exists() and not work_dir.is_dir():
+        raise UserError(f"the work folder {work_dir} exists and is not a directory; pass another --output")
+    png_dir = npz_path.with_suffix("")
+    if save_png and png_dir.exists() and not png_dir.is_dir():
+        raise UserError(f"the PNG folder of --save-png, {png_dir}, exists and is not a directory; pass another "
+                        "--output")
+
+
 # --- main --------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)
     settings = resolve_settings(args)
-    output_dir = Path(args.output).parent if args.output else Path(args.output_dir)
-    check_writable(output_dir)
+    if args.output is not None:  # checked in full before the model loads; a derived name once it is known
+        check_output(Path(args.output), args.save_png)
+    else:
+        check_writable(Path(args.output_dir))
     rank, world_size, device = init_distributed()
     try:
         return sample(args, settings, rank, world_size, device)
@@ -324,21 +356,29 @@ def sample(args, settings, rank, world_size, device):
         torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
     sample_batch, loaded, record = build(args, settings, device)
     npz_path = output_path(args, settings, loaded)
+    check_output(npz_path, args.save_png)
     settings_path = npz_path.with_suffix(".json")
     check_settings(settings_path, record)
-    if npz_path.is_file():
-        if rank == 0:
-            print(f"{npz_path} is already complete")
-        return {"npz": npz_path, "settings": record, "made": 0}
-
     store = ShardStore(npz_path.with_suffix(".work"), sample_batch.source.record_key)
     store.check_settings(record)
+    if npz_path.is_file():
+        if rank == 0:
+            if not settings_path.is_file():  # killed after assembling: the work folder's record vouches for it
+                write_settings(settings_path, record)
+            if store.work_dir.is_dir():
+                store.remove()
+            print(f"{npz_path} is already complete")
+        barrier()
+        return {"npz": npz_path, "settings": record, "made": 0}
+
     png_dir = npz_path.with_suffix("") if args.save_png else None
     if rank == 0:
         for note in loaded.notes:
             print(f"{args.ckpt}: {note}")
         print(f"decoder: {sample_batch.decoder.name} ({sample_batch.decoder.source})")
         print(settings_line(record, settings_path), flush=True)
+        for temp in temp_files(npz_path) + temp_files(settings_path):
+            temp.unlink()  # what a run killed while writing them left
         store.prepare(record)
         if png_dir is not None:
             png_dir.mkdir(parents=True, exist_ok=True)

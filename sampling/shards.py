@@ -1,15 +1,19 @@
 """Resumable sampling: finished batches live as shard files in a work folder; the final `.npz` is
 assembled from them in index order.
 
-Every file appears atomically (written under a temporary name, then renamed), so after a kill the
-work folder holds only whole shards, and a rerun produces just the missing indices. The final file
-is streamed shard by shard into the zip, so assembling 50K images never holds them all in memory.
+Every file appears atomically and durably (written under a temporary name, fsynced, renamed, and the
+rename fsynced), so after a kill the work folder holds only whole shards, and a rerun produces just the
+missing indices. A shard damaged anyway (a disk fault, a copy cut short, a hand edit) is found when the
+folder is scanned at start, reported, moved aside and resampled. The final file is streamed shard by
+shard into the zip, so assembling 50K images never holds them all in memory.
 """
+import contextlib
 import json
 import os
 import re
 import shutil
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,10 @@ SETTINGS_FILE = "settings.json"  # everything that decides the images; a rerun m
 INFORMATION_KEYS = ("ckpt",)
 SHARD_NAME = re.compile(r"(\d+)-(\d+)\.npz")  # images of the indices [start, end)
 TEMP_SUFFIX = ".tmp"
+DAMAGED_SUFFIX = ".damaged"  # a shard that failed the scan, kept aside (not a shard name) until the folder goes
+# What reading a damaged zip or npy member can raise: a bad or cut zip, a bad CRC, a malformed header.
+NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+READ_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, KeyError)
 ZIP_TIMESTAMP = (1980, 1, 1, 0, 0, 0)  # fixed member times: the same samples give the same file bytes
 
 
@@ -30,11 +38,43 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}{TEMP_SUFFIX}")
 
 
+def temp_files(path) -> list[Path]:
+    """The temporary files of `path` that writers (killed ones included) left: `{name}.{pid}.tmp`."""
+    path = Path(path)
+    pattern = re.compile(re.escape(path.name) + r"\.\d+" + re.escape(TEMP_SUFFIX))
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.iterdir() if pattern.fullmatch(p.name))
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable, where the OS lets a directory be opened and fsynced."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory; the rename stands regardless
+        pass
+    finally:
+        os.close(fd)
+
+
 def _write_atomic(path: Path, write) -> None:
+    """`write(file)` to a temporary file, fsync it, rename it to `path` and fsync the directory: `path` is
+    either absent or whole, even after a crash of the machine. The temporary file never outlives a failure."""
     temp = _temp_path(path)
-    with open(temp, "wb") as file:
-        write(file)
-    os.replace(temp, path)
+    try:
+        with open(temp, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
 
 
 def npy_header(shape, dtype) -> dict:
@@ -85,13 +125,55 @@ class ShardStore:
         check_settings(self.work_dir / SETTINGS_FILE, settings)
 
     def prepare(self, settings: dict) -> None:
-        """Create the folder, record the settings, drop temporary files a killed run left behind.
-        Call from one process only, before any process lists or writes shards."""
+        """Create the folder, record the settings, drop temporary files a killed run left behind, and
+        move aside (with one warning line each) the shards that do not read back whole and valid, so
+        their indices count as missing and are sampled again. Call from one process only, before any
+        process lists or writes shards."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         for temp in self.work_dir.glob(f"*{TEMP_SUFFIX}"):
             temp.unlink()
         if not (self.work_dir / SETTINGS_FILE).is_file():
             write_settings(self.work_dir / SETTINGS_FILE, settings)
+        image_size = settings.get("image_size")
+        for start, end, path in self.shards():
+            problem = self.shard_problem(path, end - start, image_size)
+            if problem is not None:
+                aside = path.with_name(path.name + DAMAGED_SUFFIX)
+                os.replace(path, aside)
+                print(f"warning: the sample shard {path} is damaged ({problem}); moved aside to {aside.name}, "
+                      f"its {end - start} images will be resampled", flush=True)
+
+    def shard_problem(self, path: Path, count: int, image_size=None) -> str | None:
+        """What is wrong with the shard at `path` of `count` images (None if nothing): it must be a zip of
+        exactly `images` (count, H, W, 3) uint8, H = W = image_size where given, and the record (count,)
+        int64, every member read through to its end and its CRC-32 checked."""
+        expected = {"images": ((count, image_size, image_size, 3), np.uint8), self.record_key: ((count,), np.int64)}
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = sorted(archive.namelist())
+                if names != sorted(f"{key}.npy" for key in expected):
+                    return f"it holds {', '.join(names) or 'nothing'}, not images.npy and {self.record_key}.npy"
+                for key, (shape, dtype) in expected.items():
+                    with archive.open(f"{key}.npy") as member:
+                        read_header = NPY_HEADER_READERS.get(np.lib.format.read_magic(member))
+                        if read_header is None:
+                            return f"{key} is not in .npy format 1.0 or 2.0"
+                        found_shape, fortran, found_dtype = read_header(member)
+                        header_size = member.tell()
+                    if (found_dtype != np.dtype(dtype) or fortran or len(found_shape) != len(shape)
+                            or any(want is not None and want != got for want, got in zip(shape, found_shape))):
+                        return (f"{key} is {found_dtype} {tuple(found_shape)}, expected "
+                                f"{np.dtype(dtype)} {tuple('H' if n is None else n for n in shape)}")
+                    data_size = int(np.prod(found_shape)) * found_dtype.itemsize
+                    if archive.getinfo(f"{key}.npy").file_size != header_size + data_size:
+                        return f"{key} has {archive.getinfo(f'{key}.npy').file_size - header_size} data bytes, " \
+                               f"expected {data_size}"
+                bad = archive.testzip()  # reads every member to its end: the CRC-32s
+                if bad is not None:
+                    return f"{bad} fails its CRC-32 check"
+        except READ_ERRORS as error:
+            return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        return None
 
     def shards(self) -> list[tuple[int, int, Path]]:
         """(start, end, path) of the finished shards, sorted by start."""
@@ -121,8 +203,9 @@ class ShardStore:
         shards = self.shards()
         if not shards:
             raise ValueError(f"{self.work_dir} holds no samples to assemble")
-        with np.load(shards[0][2]) as first:
-            image_shape = first["images"].shape[1:]  # (H, W, 3)
+        with self._reading(shards[0][2]):
+            with np.load(shards[0][2]) as first:
+                image_shape = first["images"].shape[1:]  # (H, W, 3)
         records = np.empty(num_samples, dtype=np.int64)
         images_header = npy_header((num_samples, *image_shape), np.uint8)
 
@@ -148,14 +231,25 @@ class ShardStore:
                 break
             if end <= next_index:
                 continue
-            with np.load(shard_path) as shard:
-                offset, count = next_index - start, min(end, num_samples) - next_index
+            offset, count = next_index - start, min(end, num_samples) - next_index
+            with self._reading(shard_path), np.load(shard_path) as shard:
                 images = shard["images"][offset:offset + count]  # (count, H, W, 3)
-                entry.write(np.ascontiguousarray(images).tobytes())
-                records[next_index:next_index + count] = shard[self.record_key][offset:offset + count]
+                shard_records = shard[self.record_key][offset:offset + count]
+            entry.write(np.ascontiguousarray(images).tobytes())
+            records[next_index:next_index + count] = shard_records
             next_index += count
         if next_index != num_samples:
             raise ValueError(f"{self.work_dir} lacks the samples from index {next_index} on")
+
+    @contextlib.contextmanager
+    def _reading(self, shard_path: Path):
+        """A shard damaged after the scan at start (which would have moved it aside) fails the assembly
+        with a UserError naming it; the rerun's scan then finds it and resamples its images."""
+        try:
+            yield
+        except READ_ERRORS as error:
+            raise UserError(f"the sample shard {shard_path} could not be read ({type(error).__name__}: {error}); "
+                            "rerun the same command: it will move the shard aside and resample its images") from None
 
     def remove(self) -> None:
         shutil.rmtree(self.work_dir)

@@ -472,3 +472,161 @@ def test_latent_channel_mismatch_with_the_vae(files, tmp_path):
     result = sample_ddp.main(["--ckpt", str(path), "--vae", "none", "--num-samples", "2",
                               "--output-dir", str(tmp_path), *FAST])
     assert load(result["npz"])["arr_0"].shape == (2, 8, 8, 3)  # pixel space: the sample is the image
+
+
+# --- a damaged work folder, durable writes, the --output path ------------------------------------
+
+def interrupted_run(files, out, flags, shards_before_kill):
+    """Run until `shards_before_kill` shards are written, then stop as a kill would: returns the work folder."""
+    write = sampling.ShardStore.write
+    written = []
+
+    def write_then_die(store, start, images, records):
+        if len(written) == shards_before_kill:
+            raise KeyboardInterrupt("stopped")
+        written.append(start)
+        write(store, start, images, records)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(sampling.ShardStore, "write", write_then_die)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(files, out, *flags)
+    finally:
+        patch.undo()
+    (work,) = Path(out).glob("*.work")
+    return work
+
+
+def rewrite_shard(path, **arrays):
+    with open(path, "wb") as file:
+        np.savez(file, **arrays)
+
+
+def truncate(path):
+    with open(path, "r+b") as file:
+        file.truncate(100)
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # in the middle of the stored images: the zip's CRC-32 no longer matches
+    path.write_bytes(bytes(data))
+
+
+DAMAGES = {
+    "truncated": truncate,
+    "bad-crc": flip_a_byte,
+    "wrong-keys": lambda path: rewrite_shard(path, images=np.zeros((3, 16, 16, 3), np.uint8),
+                                             classes=np.zeros(3, np.int64)),
+    "wrong-dtype": lambda path: rewrite_shard(path, images=np.zeros((3, 16, 16, 3), np.float32),
+                                              labels=np.zeros(3, np.int64)),
+    "wrong-count": lambda path: rewrite_shard(path, images=np.zeros((2, 16, 16, 3), np.uint8),
+                                              labels=np.zeros(2, np.int64)),
+    "wrong-size": lambda path: rewrite_shard(path, images=np.zeros((3, 8, 8, 3), np.uint8),
+                                             labels=np.zeros(3, np.int64)),
+    "not-a-zip": lambda path: path.write_bytes(b"garbage" * 100),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_shard_is_reported_and_resampled(files, tmp_path, capsys, damage):
+    flags = ["--num-samples", "8", "--per-proc-batch-size", "3", *FAST]
+    whole = run(files, tmp_path / "whole", *flags)
+    work = interrupted_run(files, tmp_path / "cut", flags, shards_before_kill=2)  # 0-3 and 3-6 written
+    DAMAGES[damage](work / "0000000-0000003.npz")
+    stale = tmp_path / "cut" / f"{whole['npz'].name}.4242.tmp"  # a killed assembly's leftover
+    stale.write_bytes(b"half an npz")
+    capsys.readouterr()
+    resumed = run(files, tmp_path / "cut", *flags)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "0000000-0000003.npz" in warnings[0] and "resampl" in warnings[0], warnings
+    assert resumed["made"] == 8 - 3  # the damaged shard's 3 and the missing 2
+    assert digest(resumed["npz"]) == digest(whole["npz"])
+    assert not list((tmp_path / "cut").rglob("*.tmp"))
+
+
+def test_a_failed_assembly_names_the_shard_and_leaves_no_temporary_file(tmp_path):
+    store = sampling.ShardStore(tmp_path / "x.work")
+    store.prepare({"image_size": 4})
+    store.write(0, np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64))
+    store.write(2, np.ones((2, 4, 4, 3), np.uint8), np.ones(2, np.int64))
+    flip_a_byte(store.work_dir / "0000002-0000004.npz")  # damaged after the scan at start
+    with pytest.raises(UserError, match=r"0000002-0000004\.npz .*rerun the same command"):
+        store.assemble(4, tmp_path / "x.npz")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["x.work"]
+
+
+def test_shards_settings_and_npz_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    import stat
+
+    import sampling.shards
+
+    synced = []
+    fsync = os.fsync
+
+    def recording_fsync(fd):
+        kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        synced.append((kind, sorted(path.name for path in tmp_path.rglob("*") if path.is_file())))
+        fsync(fd)
+
+    monkeypatch.setattr(sampling.shards.os, "fsync", recording_fsync)
+    store = sampling.ShardStore(tmp_path / "x.work")
+    store.prepare({"image_size": 4})
+    assert [kind for kind, _ in synced] == ["file", "dir"]
+    assert synced[0][1] == [f"settings.json.{os.getpid()}.tmp"]  # the data reached the disk before the rename
+    synced.clear()
+    store.write(0, np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64))
+    store.assemble(2, tmp_path / "x.npz")
+    assert [kind for kind, _ in synced] == ["file", "dir", "file", "dir"]
+    assert f"x.npz.{os.getpid()}.tmp" in synced[2][1] and "x.npz" not in synced[2][1]
+
+
+def fail_on_model_load(monkeypatch):
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before --output was checked")
+
+    monkeypatch.setattr(sample_ddp, "load_model", load_model)
+
+
+@pytest.mark.parametrize("output, extra, match", [
+    ("out/mysamples", [], r"--output .*mysamples must end in \.npz"),
+    ("out/mysamples", ["--save-png"], r"--output .*mysamples must end in \.npz"),
+    ("out/ref.npz", [], r"out/ref\.npz exists and has no settings record beside it"),
+    ("out/dir.npz", [], r"out/dir\.npz exists and is not a file"),
+    ("out/blocker.npz", ["--save-png"], r"the PNG folder .*out/blocker, exists and is not a directory"),
+    ("out/ref.npz/x.npz", [], r"not writable: .*ref\.npz is not a directory"),
+])
+def test_a_bad_output_path_fails_before_the_model_loads(files, tmp_path, monkeypatch, output, extra, match):
+    out = tmp_path / "out"
+    out.mkdir()
+    np.savez(out / "ref.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8))  # someone else's file
+    (out / "dir.npz").mkdir()
+    (out / "blocker").write_text("a file where the PNGs would go")
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    fail_on_model_load(monkeypatch)
+    with pytest.raises(UserError, match=match):
+        run(files, tmp_path / "unused", "--output", str(tmp_path / output), "--num-samples", "2", *extra, *FAST)
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+    assert sorted(path.name for path in out.iterdir()) == ["blocker", "dir.npz", "ref.npz"]
+
+
+def test_an_npz_assembled_before_a_kill_is_completed_by_the_rerun(files, tmp_path, monkeypatch):
+    """Killed after the npz appeared but before its settings record: the work folder's record vouches for it."""
+    flags = ["--num-samples", "3", *FAST]
+    write_settings = sample_ddp.write_settings
+
+    def die_before_the_record(path, settings):
+        if Path(path).suffix == ".json" and not Path(path).name == "settings.json":
+            raise KeyboardInterrupt("stopped")
+        write_settings(path, settings)
+
+    monkeypatch.setattr(sample_ddp, "write_settings", die_before_the_record)
+    with pytest.raises(KeyboardInterrupt):
+        run(files, tmp_path, *flags)
+    monkeypatch.setattr(sample_ddp, "write_settings", write_settings)
+    (npz,) = tmp_path.glob("*.npz")
+    first = digest(npz)
+    again = run(files, tmp_path, *flags)
+    assert again["made"] == 0 and again["npz"] == npz and digest(npz) == first
+    assert npz.with_suffix(".json").is_file() and not npz.with_suffix(".work").exists()
