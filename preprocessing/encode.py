@@ -68,8 +68,9 @@ def run_settings(
     captions_sha256: str | None = None,
     text_encoder: str | None = None,
 ) -> dict:
-    """What fixes the output; a rerun into the same folder must match it exactly. The text encoder's
-    weights are compared too, once it is loaded (`text_encoder_sha256`, see `prepare_run`)."""
+    """What fixes the output; a rerun into the same folder must match it exactly. The weights of the VAE
+    and the text encoder are compared too, once loaded (`vae_sha256`, `text_encoder_sha256`, see
+    `prepare_run`)."""
     return {
         "format_version": store.FORMAT_VERSION,
         "input_fingerprint": folder.fingerprint(),
@@ -84,12 +85,18 @@ def run_settings(
     }
 
 
+# Stands for a setting that a run.json written before the setting existed does not record, and that
+# cannot be inferred: any value is accepted, and `start_run` records the current one.
+UNRECORDED = object()
 # The value of a setting that a run.json written before the setting existed stands for.
 SETTINGS_ADDED_LATER = {
     "keep_images": False,
     "captions_sha256": None,
     "text_encoder": None,
     "text_encoder_sha256": None,
+    # Runs begun before the VAE was recorded by content: their weights are unknown. Refusing them would
+    # lose their finished shards; they resume (with a warning) and their weights are checked from then on.
+    "vae_sha256": UNRECORDED,
 }
 
 
@@ -128,7 +135,10 @@ class Run:
             self.captions.sha256 if self.captions else None,
             self.text_encoder.name if self.text_encoder else None,
         )
-        return settings | {"text_encoder_sha256": self.text_encoder.weights_sha256 if self.text_encoder else None}
+        return settings | {
+            "vae_sha256": self.vae.weights_sha256 if self.vae else None,
+            "text_encoder_sha256": self.text_encoder.weights_sha256 if self.text_encoder else None,
+        }
 
     def stored_shape(self) -> tuple[int, int, int]:
         if self.vae is None:
@@ -187,6 +197,7 @@ class Run:
                 "stored_dtype": np.dtype(PIXELS_DTYPE).name,
                 "stored_layout": "RGB uint8 (C, H, W); the dataset returns pixels / 127.5 - 1",
                 "vae": None,
+                "vae_sha256": None,
                 "scale": None,
                 "shift": None,
                 **common,
@@ -199,6 +210,7 @@ class Run:
             "stored_layout": "posterior mean (C) then std (C) along dim 0; model input (mean + std * noise"
             " - shift) * scale",
             "vae": self.vae.name,
+            "vae_sha256": self.vae.weights_sha256,
             "vae_downsample": self.vae.downsample,
             "vae_latent_channels": self.vae.latent_channels,
             "scale": scaling.scale,
@@ -222,14 +234,43 @@ def _check_output(output: Path, settings: dict) -> None:
     if run_file.is_file():
         previous = store.read_json(run_file)
         then = {key: previous.get(key, SETTINGS_ADDED_LATER.get(key)) for key in settings}
-        changed = [f"{key}: {then[key]!r} then, {now!r} now" for key, now in settings.items() if then[key] != now]
+        changed = [
+            f"{key}: {then[key]!r} then, {now!r} now"
+            for key, now in settings.items()
+            if then[key] is not UNRECORDED and then[key] != now
+        ]
         if changed:
             raise UserError(
                 f"--output {output} holds a run with other settings ({'; '.join(changed)}); "
                 "rerun with the same arguments and input to resume, or choose a new --output"
             )
+        if then.get("vae_sha256") is UNRECORDED and settings["vae_sha256"] is not None and not finished:
+            log.warning(
+                "%s was begun before the VAE's weights were recorded: its finished shards cannot be checked "
+                "against the weights of --vae %s (sha256 %s), which are recorded now and checked on every rerun",
+                run_file,
+                settings["vae"],
+                settings["vae_sha256"],
+            )
     elif output.is_dir() and any(output.iterdir()):
         raise UserError(f"--output {output} is not empty and holds no {store.RUN_FILE}; choose a new folder")
+
+
+def _check_not_nested(input_dir: Path, output: Path) -> None:
+    """The output folder must be neither the input folder, nor inside it, nor around it: a rerun would
+    read the unfinished dataset as input (an image folder without images) and could never resume."""
+    source, target = input_dir.resolve(), output.resolve()
+    if source == target:
+        raise UserError(f"--output {output} is the --input folder: choose an output folder outside the input")
+    if source in target.parents:
+        raise UserError(
+            f"--output {output} is inside --input {input_dir}: a rerun would read it as input; "
+            "choose an output folder outside the input"
+        )
+    if target in source.parents:
+        raise UserError(
+            f"--input {input_dir} is inside --output {output}: choose an output folder that does not hold the input"
+        )
 
 
 def prepare_run(
@@ -254,6 +295,7 @@ def prepare_run(
         raise UserError(f"--images-per-shard must be positive, got {images_per_shard}")
     if text_encoder is not None and captions is None:
         raise UserError("--text-encoder needs --captions: without captions the data are class-conditional")
+    _check_not_nested(Path(input_dir), Path(output))
     captions_file, text_name = None, None
     if captions is None:
         folder = scan_image_folder(input_dir)
@@ -276,16 +318,22 @@ def prepare_run(
         )
     encoder = None if captions is None else load_text_encoder(text_name, device)
     run = Run(folder, output, resolution, vae, flip, images_per_shard, keep_images, captions_file, encoder)
-    if encoder is not None:
+    if vae is not None or encoder is not None:
         _check_output(output, run.settings())  # the same weights as the run it resumes
     return run
 
 
 def start_run(run: Run) -> None:
-    """Main process only, before any shard is written."""
+    """Main process only, before any shard is written. A run.json written before some setting existed
+    gets it added (the value `_check_output` accepted), so that later reruns compare it."""
     run.output.mkdir(parents=True, exist_ok=True)
-    if not (run.output / store.RUN_FILE).is_file():
-        store.write_json(run.output / store.RUN_FILE, run.settings())
+    run_file, settings = run.output / store.RUN_FILE, run.settings()
+    if not run_file.is_file():
+        store.write_json(run_file, settings)
+        return
+    previous = store.read_json(run_file)
+    if any(key not in previous for key in settings):
+        store.write_json(run_file, settings | previous)
 
 
 def _shard_array_files(run: Run, shard: int) -> list[str]:

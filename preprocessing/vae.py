@@ -39,6 +39,7 @@ class Vae:
     downsample: int  # pixels per latent pixel along each side
     latent_channels: int
     scaling: LatentScaling
+    weights_sha256: str  # models.weights_sha256 of the state dict as loaded: the VAE by content
 
 
 def latent_scaling(name: str, config) -> LatentScaling:
@@ -67,11 +68,14 @@ def load_vae(name: str, device: torch.device) -> Vae:
             "local directory" if Path(name).exists() else "hub id (there is no local directory of that name)"
         )
         raise UserError(f"cannot load the VAE --vae {name} as a {where}: {error}") from error
+    import models  # the one definition of weights by content, shared with checkpoints and the text encoder
+
+    weights_sha256 = models.weights_sha256(model.state_dict())  # on the CPU, as loaded (float32)
     model = model.to(device).eval().requires_grad_(False)
     config = model.config
     # Each encoder block but the last halves the resolution (diffusers `Encoder`).
     downsample = 2 ** (len(config.block_out_channels) - 1)
-    return Vae(model, name, downsample, config.latent_channels, latent_scaling(name, config))
+    return Vae(model, name, downsample, config.latent_channels, latent_scaling(name, config), weights_sha256)
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@ bad input."""
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -392,6 +393,49 @@ def test_several_processes_write_what_one_process_writes(image_folder, tmp_path)
 # --- bad input: clear errors before any work ---
 
 
+def test_a_rerun_with_other_vae_weights_under_the_same_path_is_refused(image_folder, tmp_path):
+    """The VAE is compared by its weights: new weights in the same directory cannot finish a dataset
+    begun with the old ones. A run.json from before the weights were recorded resumes and records them."""
+    from diffusers import AutoencoderKL
+
+    import models
+
+    def save_vae(seed):
+        torch.manual_seed(seed)
+        AutoencoderKL(**TINY_VAE).save_pretrained(tmp_path / "vae_cur")
+        return models.weights_sha256(AutoencoderKL.from_pretrained(tmp_path / "vae_cur").state_dict())
+
+    def interrupt():  # as if the run had died while writing shard 1
+        for path in [out / store.INDEX_FILE, *out.glob("shard-00001.*")]:
+            path.unlink()
+
+    old, out = save_vae(0), tmp_path / "out"
+    assert preprocess(image_folder, out, tmp_path / "vae_cur")["vae_sha256"] == old
+    interrupt()
+    new = save_vae(1)
+    before = output_files(out)
+    with pytest.raises(UserError, match=rf"vae_sha256: '{old}' then, '{new}' now"):
+        preprocess(image_folder, out, tmp_path / "vae_cur")
+    assert output_files(out) == before  # refused before encoding anything
+    # A run.json written before the weights were recorded: accepted, and the weights recorded from now on.
+    settings = store.read_json(out / store.RUN_FILE)
+    del settings["vae_sha256"]
+    store.write_json(out / store.RUN_FILE, settings)
+    assert preprocess(image_folder, out, tmp_path / "vae_cur")["vae_sha256"] == new
+    assert store.read_json(out / store.RUN_FILE)["vae_sha256"] == new
+    interrupt()
+    save_vae(0)
+    with pytest.raises(UserError, match=rf"vae_sha256: '{new}' then, '{old}' now"):
+        preprocess(image_folder, out, tmp_path / "vae_cur")
+    # A finished dataset whose index.json predates the weights' record still opens for training.
+    save_vae(1)
+    preprocess(image_folder, out, tmp_path / "vae_cur")
+    index = store.read_json(out / store.INDEX_FILE)
+    del index["vae_sha256"]
+    store.write_json(out / store.INDEX_FILE, index)
+    assert LatentDataset(out).meta["vae"] == str((tmp_path / "vae_cur").resolve())
+
+
 def test_rerun_with_other_settings_is_refused(image_folder, tmp_path):
     preprocess(image_folder, tmp_path / "out")
     with pytest.raises(UserError, match=r"resolution: 16 then, 32 now"):
@@ -438,6 +482,9 @@ def test_keep_images_is_a_setting_a_resumed_run_must_match(image_folder, vae_dir
         ("output inside a file", "--output .*/a_file/out cannot be created: .*/a_file is not a directory"),
         ("output in a read-only folder", "--output .*/locked/out: no permission to write in .*/locked$"),
         ("damaged run.json", "run.json is not valid JSON .* truncated or corrupt"),
+        ("output inside the input", "--output .*/images/out is inside --input .*/images: "),
+        ("output is the input", "--output .*/images is the --input folder: "),
+        ("input inside the output", "--input .*/data/images is inside --output .*/data: "),
     ],
 )
 def test_bad_input_is_a_clear_error_before_any_work(case, message, image_folder, vae_dir, tmp_path, monkeypatch):
@@ -488,6 +535,14 @@ def test_bad_input_is_a_clear_error_before_any_work(case, message, image_folder,
     elif case == "damaged run.json":
         output.mkdir()
         (output / store.RUN_FILE).write_text('{"format_version": 1, "inpu')
+    elif case == "output inside the input":  # a rerun would take the output for an empty class folder
+        input_dir = Path(shutil.copytree(image_folder, tmp_path / "images"))
+        output = input_dir / "out"
+    elif case == "output is the input":
+        input_dir = output = Path(shutil.copytree(image_folder, tmp_path / "images"))
+    elif case == "input inside the output":
+        output = tmp_path / "data"
+        input_dir = Path(shutil.copytree(image_folder, output / "images"))
     before = sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*"))
     argv = ["--input", str(input_dir), "--output", str(output), "--resolution", str(resolution), "--vae", str(vae)]
     with pytest.raises(UserError, match=message) as error:
