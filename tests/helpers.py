@@ -1,4 +1,6 @@
 """Small shared test utilities (tiny models with non-trivial weights)."""
+from pathlib import Path
+
 import torch
 
 import models
@@ -97,3 +99,18 @@ TINY_VAE = {
     "latent_channels": 4,
     "norm_num_groups": 4,
 }
+
+
+def tiny_vae_dir(root: Path) -> Path:
+    """A 2-level AutoencoderKL with random weights: 4 latent channels, downsample 2."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
+        block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+    )
+    path = root / "tiny-vae"
+    vae.save_pretrained(path)
+    return path

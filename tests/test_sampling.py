@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import RunsCode, project_meta, randomize_, release_with_payload, tiny_model
+from helpers import RunsCode, project_meta, randomize_, release_with_payload, tiny_model, tiny_vae_dir
 from PIL import Image
 
 import models
@@ -25,21 +25,6 @@ from transport import ReversedTime
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10  # tiny_model's
 FAST = ["--num-steps", "3"]  # enough steps to exercise every sampler; seconds per test
-
-
-def tiny_vae_dir(root: Path) -> Path:
-    """A 2-level AutoencoderKL with random weights: 4 latent channels, downsample 2."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
-        block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
-    )
-    path = root / "tiny-vae"
-    vae.save_pretrained(path)
-    return path
 
 
 def project_checkpoint(path: Path, name="SiT-S/2", seed=0) -> Path:

@@ -18,7 +18,7 @@ from errors import EXIT_USER_ERROR, run_cli
 from evaluations.evaluator import main as evaluator_main
 from preprocessing.__main__ import main as preprocess_main
 from sample_ddp import main as sample_main
-from tests.helpers import write_class_images
+from tests.helpers import tiny_vae_dir, write_class_images
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,7 @@ def world(tmp_path_factory):
     np.savez(root / "floats.npz", arr_0=rng.random((8, 16, 16, 3)).astype(np.float32))
     (root / "garbage.npz").write_bytes(b"this is not a zip file")
     (root / "a-file").write_text("")
+    tiny_vae_dir(root)  # 4 latent channels: the pixel model's grids cannot be decoded by it
     return root
 
 
@@ -111,6 +112,9 @@ CASES = {
                                                "--eval-ref"),
     "train: --eval-ref missing": (train.main, lambda r: train_argv(r, "--eval-every", "2", "--eval-ref",
                                                                    str(r / "missing.npz")), "missing.npz"),
+    "train: --vae that does not decode the model's inputs": (
+        train.main, lambda r: train_argv(r, "--vae", str(r / "tiny-vae")),
+        "the model takes 3-channel inputs, but the VAE"),
     "train: --results-dir under a file": (train.main, lambda r: train_argv(r, "--results-dir", str(r / "a-file")),
                                           "cannot be created: "),
     "train: --t-max nan": (train.main, lambda r: train_argv(r, "--t-max", "nan"), "--t-max nan: must be a finite"),
