@@ -46,6 +46,15 @@ class FeatureModel:
     name: str  # registry name, e.g. "SiT-B/2"
     source: str  # the weights that were loaded: "ema", "model" or "state_dict"
     notes: list  # how the loader decided the name and time convention, for the user
+    # models.weights_sha256 of the loaded weights: the backbone by content, whatever its file's path,
+    # size or mtime. load_feature_model fills it in; for a hand-built FeatureModel it is computed on use.
+    weights_sha256: str | None = None
+
+    def content_sha256(self) -> str:
+        """The weights by content (models.weights_sha256), computed once."""
+        if self.weights_sha256 is None:
+            self.weights_sha256 = models.weights_sha256(self.model.state_dict())
+        return self.weights_sha256
 
     @property
     def device(self) -> torch.device:
@@ -85,7 +94,8 @@ def load_feature_model(path, weights="ema", model_name=None, time_convention=Non
     if model.y_embedder.embedding_table.num_embeddings <= model.num_classes:
         raise UserError(f"{path}: the model has no null class, and probing feeds the null class label")
     objective = build_objective(loaded, training_info(path))
-    return FeatureModel(model, objective, loaded.time_convention, loaded.name, loaded.source, loaded.notes)
+    return FeatureModel(model, objective, loaded.time_convention, loaded.name, loaded.source, loaded.notes,
+                        models.weights_sha256(model.state_dict()))
 
 
 def token_features(model: nn.Module, x_t: Tensor, t_model: Tensor, blocks) -> dict[int, Tensor]:
@@ -138,12 +148,6 @@ def autocast(device: torch.device, precision: str):
 
 
 # --- the cache ---------------------------------------------------------------------------------
-
-def checkpoint_fingerprint(path) -> dict:
-    """What identifies a checkpoint file without reading it: a rewritten file gets a new cache."""
-    stat = Path(path).stat()
-    return {"path": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
 
 def cache_directory(cache_root, label: str, description: dict) -> Path:
     """root/<label>-<digest of description>: one directory per (weights, data split, seed, ...).

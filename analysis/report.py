@@ -19,7 +19,6 @@ from analysis.features import (
     PRECISIONS,
     FeatureModel,
     cache_directory,
-    checkpoint_fingerprint,
     clean_inputs,
     extract_features,
     indices_digest,
@@ -29,6 +28,7 @@ from analysis.pca import input_pictures, pca_panels
 from analysis.plots import plot_checkpoint, plot_comparison, save_pca_figure
 from analysis.probe import ProbeConfig, top1_accuracy, train_linear_probe
 from errors import UserError
+from evaluations.evaluator import check_device
 from preprocessing.dataset import LatentDataset
 from sampling.pipeline import training_info
 
@@ -145,10 +145,13 @@ def _training_data_dir(checkpoints) -> str:
     return data_dir
 
 
-def _features(feature_model: FeatureModel, path, weights, name, dataset, indices, side, blocks, times,
+def _features(feature_model: FeatureModel, weights, name, dataset, indices, side, blocks, times,
               cache_root, seed, batch_size, precision, progress):
+    # The weights are identified by their content, never by the file's path, size or mtime: a file
+    # overwritten in place (cp -p, rsync -a, tar x keep the old mtime) gets its own cache, and the
+    # same weights moved elsewhere reuse theirs.
     description = {
-        "checkpoint": checkpoint_fingerprint(path), "weights": weights, "model": feature_model.name,
+        "weights_sha256": feature_model.content_sha256(), "weights": weights, "model": feature_model.name,
         "time_convention": feature_model.time_convention, "precision": precision, "seed": seed,
         "dataset": {"root": str(dataset.root.resolve()), "checksum": dataset.meta["checksum"]},
         "indices": indices_digest(indices),
@@ -183,8 +186,12 @@ def _probe_rows(name, weights, train_features, val_features, train_labels, val_l
     return rows
 
 
-def _checkpoint_settings(feature_model: FeatureModel, path) -> dict:
+def _checkpoint_settings(feature_models: dict, name, path, weights) -> dict:
+    """The checkpoint's path (information only) and, per weights probed, their sha256 by content
+    (models.weights_sha256, the key of the feature cache)."""
+    feature_model = feature_models[name, weights[0]]
     return {"path": str(path), "model": feature_model.name, "time_convention": feature_model.time_convention,
+            "weights_sha256": {w: feature_models[name, w].content_sha256() for w in weights},
             "notes": feature_model.notes}
 
 
@@ -234,6 +241,8 @@ def run_probe(checkpoints: dict, output_dir, *, blocks, times, data_dir=None, va
     if pca_images < 0 or extract_batch_size <= 0:
         raise UserError(f"--pca-images must be >= 0 and --extract-batch-size > 0, got {pca_images}, "
                         f"{extract_batch_size}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)  # a device this machine lacks is found now, not at the first `.to(device)`
     output_dir = Path(output_dir)
     cache_root = Path(cache_dir) if cache_dir is not None else output_dir / "features"
     _check_directories(output_dir, cache_root)
@@ -242,7 +251,7 @@ def run_probe(checkpoints: dict, output_dir, *, blocks, times, data_dir=None, va
     data_dir = data_dir if data_dir is not None else _training_data_dir(checkpoints)
     split = make_split(data_dir, val_dir, val_fraction, seed, max_train_samples, max_val_samples)
     _check_models(feature_models, blocks, split)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device)
     output_dir.mkdir(parents=True, exist_ok=True)
     num_classes = split.train.meta["num_classes"]
     train_labels = _as_tensor(split.train.labels[split.train_indices], device)
@@ -252,16 +261,14 @@ def run_probe(checkpoints: dict, output_dir, *, blocks, times, data_dir=None, va
     for (name, w), feature_model in feature_models.items():
         feature_model.model.to(device)
         common = (blocks, times, cache_root, seed, extract_batch_size, precision, progress)
-        path = checkpoints[name]
-        train_features = _features(feature_model, path, w, name, split.train, split.train_indices, "train",
-                                   *common)
-        val_features = _features(feature_model, path, w, name, split.val, split.val_indices, "val", *common)
+        train_features = _features(feature_model, w, name, split.train, split.train_indices, "train", *common)
+        val_features = _features(feature_model, w, name, split.val, split.val_indices, "val", *common)
         rows += _probe_rows(name, w, train_features, val_features, train_labels, val_labels, num_classes,
                             probe, blocks, times, progress)
         feature_model.model.to("cpu")
 
     settings = {
-        "checkpoints": {name: _checkpoint_settings(feature_models[name, weights[0]], path)
+        "checkpoints": {name: _checkpoint_settings(feature_models, name, path, weights)
                         for name, path in checkpoints.items()},
         "data_dir": str(data_dir), "val_dir": None if val_dir is None else str(val_dir),
         "val_fraction": None if val_dir is not None else val_fraction, "num_classes": num_classes,

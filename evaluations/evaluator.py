@@ -140,10 +140,26 @@ def parse_args(argv=None):
     if args.center_crop is not None and args.center_crop < 1:
         raise UserError(f"--center-crop {args.center_crop}: the crop size must be at least 1 pixel")
     check_device(args.device)
-    for flag, path in [("--save-ref-stats", args.save_ref_stats), ("--output-json", args.output_json)]:
-        if path is not None and not path.parent.is_dir():  # found now, not after the Inception passes
+    output_flag = "--output-json"
+    if args.sample_batch is not None and args.output_json is None:
+        args.output_json = default_output_json(args.sample_batch)
+        output_flag = "--output-json (default)"
+    # Found now, not after the Inception passes: a missing folder, or a folder where the file would go.
+    for flag, path in [("--save-ref-stats", args.save_ref_stats), (output_flag, args.output_json)]:
+        if path is not None and not path.parent.is_dir():
             raise UserError(f"{flag} {path}: no folder {path.parent}")
+        if path is not None and path.is_dir():
+            raise UserError(f"{flag} {path}: is a folder; give the path of a file to write")
     return args
+
+
+def default_output_json(sample):
+    """SAMPLE_STEM_metrics.json beside SAMPLE. `.` and `..` (a folder of samples given from inside it or
+    below it) have no name of their own, so the folder's real name is used."""
+    named = sample.resolve() if sample.name in ("", ".", "..") else sample
+    if not named.name:
+        raise UserError(f"SAMPLE {sample}: has no name to write the metrics beside; pass --output-json")
+    return named.with_name(f"{named.stem}_metrics.json")
 
 
 def evaluate(features, reference_activations, reference_statistics, sample_activations, sample_statistics):
@@ -240,7 +256,7 @@ def main(argv=None):
     )
     print_metrics(metrics)
 
-    output = args.output_json or args.sample_batch.with_name(f"{args.sample_batch.stem}_metrics.json")
+    output = args.output_json  # parse_args gives the default and checks it
     record = {
         **metrics,
         "inception_score_note": IS_UNAVAILABLE if metrics["inception_score"] is None else None,

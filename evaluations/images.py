@@ -2,12 +2,14 @@
 
 Both yield uint8 (B, H, W, 3) numpy batches. Every check runs when a source is opened, before any
 network work: the key, dtype and shape of `arr_0`, the statistics keys, and folder image sizes; an image
-whose data turns out corrupt while it is decoded stops the run with a UserError as well. A folder of
+whose data turns out corrupt while it is decoded, or an `.npz` whose `arr_0` data fail the archive's
+CRC-32 once read, stops the run with a UserError naming the file as well. A folder of
 differently sized images (COCO's val2014) is read with a crop size: each image is ADM-center-cropped to
 N x N as it is decoded, the crop the training data gets (`preprocessing.image.center_crop_adm`).
 """
 
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,13 +98,21 @@ class NpzImages:
         self.image_shape = tuple(shape[1:])
 
     def batches(self, batch_size, num_images):
-        with zipfile.ZipFile(self.path) as archive, archive.open(f"{IMAGES_KEY}.npy") as file:
-            read_npy_header(file, self.where)
-            for start in range(0, num_images, batch_size):
-                batch = np.empty((min(batch_size, num_images - start), *self.image_shape), dtype=np.uint8)
-                if file.readinto(memoryview(batch).cast("B")) != batch.nbytes:
-                    raise UserError(f"{self.where}: the file ends before image {start + len(batch)}")
-                yield batch
+        """The first `num_images` images, `batch_size` at a time. Damaged image data (the archive's CRC-32
+        of `arr_0`, checked once the whole member has been read, or its compressed stream) stop the run
+        with a UserError naming the file: found while reading, as a full extra pass over tens of GB up
+        front would cost as much as the reading itself."""
+        try:
+            with zipfile.ZipFile(self.path) as archive, archive.open(f"{IMAGES_KEY}.npy") as file:
+                read_npy_header(file, self.where)
+                for start in range(0, num_images, batch_size):
+                    batch = np.empty((min(batch_size, num_images - start), *self.image_shape), dtype=np.uint8)
+                    if file.readinto(memoryview(batch).cast("B")) != batch.nbytes:
+                        raise UserError(f"{self.where}: the file ends before image {start + len(batch)}")
+                    yield batch
+        except (zipfile.BadZipFile, zlib.error) as error:  # a CRC mismatch or a broken deflate stream
+            raise UserError(f"{self.path}: damaged .npz archive: its `{IMAGES_KEY}` image data are corrupt "
+                            f"({error})") from error
 
 
 def read_rgb(file):

@@ -3,6 +3,7 @@ probes, PCA pictures and the `python -m analysis` report (CPU, tiny models, gene
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from analysis import (
     make_split,
     pca_panels,
     principal_components,
+    run_probe,
     token_features,
     token_pca_rgb,
     top1_accuracy,
@@ -246,6 +248,50 @@ def test_command_writes_table_and_figures(tmp_path, data_dir):
             assert image.format == "PNG" and min(image.size) > 100
     # The same command again reads the cached features and reproduces every number.
     assert analysis_main(argv)["results"] == report["results"]
+
+
+def test_cache_and_report_identify_checkpoints_by_content(tmp_path, data_dir):
+    """A checkpoint overwritten in place with another of the same size and the old mtime (cp -p, rsync -a,
+    tar x) gets new features, and probe.json records the weights' sha256; moved, it reuses its cache."""
+    first = save_checkpoint(tmp_path / "a.pt", pixel_model(seed=1), pixel_model(seed=2), data_dir)
+    second = save_checkpoint(tmp_path / "b.pt", pixel_model(seed=3), pixel_model(seed=4), data_dir)
+    assert os.path.getsize(first) == os.path.getsize(second)
+    cache = tmp_path / "cache"
+    options = {"blocks": [1], "times": [0.0], "weights": ["ema"], "val_fraction": 0.25, "max_train_samples": 16,
+               "max_val_samples": 8, "probe": ProbeConfig(epochs=1, batch_size=16), "pca_images": 0,
+               "cache_dir": cache, "device": "cpu", "progress": False}
+
+    def probe(path, out):
+        """probe.json's record of the checkpoint, and the val features of the cache directories it added."""
+        before = set(cache.iterdir()) if cache.is_dir() else set()
+        report = run_probe({"ck": path}, tmp_path / out, **options)
+        added = [d for d in set(cache.iterdir()) - before if d.name.startswith("ck-ema-val-")]
+        recorded = json.loads((tmp_path / out / "probe.json").read_text())["settings"]["checkpoints"]["ck"]
+        assert recorded == report["settings"]["checkpoints"]["ck"]
+        return recorded, [np.load(d / "block1_t0.0.npy") for d in added]
+
+    recorded, (old_features,) = probe(first, "one")
+    stat = os.stat(first)
+    shutil.copyfile(second, first)
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # what cp -p does
+    recorded, added = probe(first, "two")
+    assert len(added) == 1 and not np.array_equal(added[0], old_features)  # not the old weights' features
+    expected = load_feature_model(second, "ema")
+    assert expected.weights_sha256 == models.weights_sha256(expected.model.state_dict())
+    assert recorded["weights_sha256"] == {"ema": expected.weights_sha256}
+    assert probe(second, "three")[1] == []  # the same weights elsewhere reuse their cache
+
+
+def test_a_device_this_machine_lacks_is_one_line_before_any_work(tmp_path, data_dir, checkpoint):
+    out = tmp_path / "out"
+    base = ["--ckpt", checkpoint, "--output-dir", str(out), "--no-progress", "--data-dir", data_dir,
+            "--blocks", "1", "--times", "0"]
+    missing = f"cuda:{torch.cuda.device_count()}"  # "cuda" itself on a machine without a GPU
+    for device, message in (("bogus", "--device bogus: not a torch device"),
+                            (missing, f"--device {missing}: this machine has")):
+        with pytest.raises(UserError, match=message):
+            analysis_main([*base, "--device", device])
+    assert not out.exists()
 
 
 def test_bad_requests_fail_before_any_work(tmp_path, data_dir, checkpoint):

@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +19,7 @@ from scipy import linalg
 
 from errors import UserError, run_cli
 from evaluations import evaluator
-from evaluations.features import InceptionFeatures, fid_against_reference, images_to_uint8
+from evaluations.features import Activations, InceptionFeatures, fid_against_reference, images_to_uint8
 from evaluations.images import (
     ReferenceStatistics,
     load_reference_statistics,
@@ -523,6 +524,21 @@ CLI_MISTAKES = {
         "{tmp}/ref.npz {tmp}/sample.npz --output-json {tmp}/nowhere/metrics.json",
         ["--output-json", "nowhere/metrics.json: no folder"],
     ),
+    "--output-json an existing folder": (
+        None,
+        "{tmp}/ref.npz {tmp}/sample.npz --num-samples 16 --output-json {tmp}",
+        ["--output-json", ": is a folder; give the path of a file"],
+    ),
+    "default metrics file an existing folder": (
+        lambda tmp: (tmp / "sample_metrics.json").mkdir(),
+        "{tmp}/ref.npz {tmp}/sample.npz --num-samples 16",
+        ["--output-json (default)", "sample_metrics.json: is a folder"],
+    ),
+    "--save-ref-stats an existing folder": (
+        lambda tmp: (tmp / "stats.npz").mkdir(),
+        "{tmp}/ref.npz --save-ref-stats {tmp}/stats.npz",
+        ["--save-ref-stats", "stats.npz: is a folder"],
+    ),
     "unreadable softmax weights": (
         lambda tmp: (tmp / "logits.pth").write_bytes(b"not a torch file"),
         "{tmp}/ref.npz {tmp}/sample.npz --num-samples 16 --softmax-weights {tmp}/logits.pth",
@@ -584,6 +600,67 @@ def test_the_module_entry_point_reports_a_user_mistake_in_one_line(tmp_path):
     assert result.stderr.splitlines() == [
         f"error: {tmp_path / 'garbage.npz'}: not an .npz (zip) archive; expected an .npz archive or a folder of images"
     ]
+
+
+@pytest.fixture
+def stand_in_inception(monkeypatch):
+    """The evaluator with its Inception passes replaced by random features of the images it reads (every
+    batch is still read, so damaged data surface), and the Frechet distance by its mean term (sqrtm of
+    2048 x 2048 takes minutes here): the CLI around the network, in a second."""
+
+    class StandInFeatures:
+        def __init__(self, network, device, softmax_weight):
+            self.device, self.softmax_weight = torch.device(device), None
+
+        def activations(self, batches, num_images, description):
+            count = sum(len(batch) for batch in batches)
+            rng = np.random.default_rng(count)
+            return Activations(rng.random((count, 2048), dtype=np.float32), rng.random((count, 2023), dtype=np.float32))
+
+    monkeypatch.setattr(evaluator, "InceptionFeatures", StandInFeatures)
+    monkeypatch.setattr(evaluator, "verify_weights_file", lambda path: path)
+    monkeypatch.setattr(evaluator, "default_weights_path", lambda: "default_1.pt")
+    monkeypatch.setattr(evaluator, "load_fid_inception", lambda path: None)
+    mean_term = lambda sample, reference: float(np.sum((sample.mu - reference.mu) ** 2))  # noqa: E731
+    monkeypatch.setattr(evaluator, "frechet_distance", mean_term)
+
+
+def flip_a_byte_of_the_images(path):
+    """One byte in the middle of `arr_0`'s stored data inverted: the archive's directory and the .npy header
+    are intact, so only the CRC-32 check at the end of the member can tell."""
+    with zipfile.ZipFile(path) as archive:
+        member = archive.getinfo("arr_0.npy")
+    data = bytearray(path.read_bytes())
+    data[member.header_offset + 30 + len(member.filename) + len(member.extra) + member.compress_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damaged", ["ref.npz", "sample.npz"])
+def test_image_data_found_corrupt_while_reading_an_npz_is_one_line_naming_it(
+    tmp_path, capsys, stand_in_inception, damaged
+):
+    write_images(tmp_path / "ref.npz", 8, seed=1)
+    write_images(tmp_path / "sample.npz", 16, seed=2)
+    flip_a_byte_of_the_images(tmp_path / damaged)
+    status, lines = run_evaluator(
+        [str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), "--num-samples", "16", "--batch-size", "5"], capsys
+    )
+    assert status == 2
+    assert lines == [
+        f"error: {tmp_path / damaged}: damaged .npz archive: its `arr_0` image data are corrupt "
+        "(Bad CRC-32 for file 'arr_0.npy')"
+    ]
+    assert not (tmp_path / "sample_metrics.json").exists()
+
+
+def test_a_sample_folder_given_as_dot_gets_its_metrics_beside_it(tmp_path, capsys, monkeypatch, stand_in_inception):
+    write_images(tmp_path / "ref.npz", 4, seed=1)
+    write_folder(tmp_path / "samples", [(16, 16)] * 4)
+    monkeypatch.chdir(tmp_path / "samples")
+    assert evaluator.main(["../ref.npz", ".", "--num-samples", "4"]) is not None
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {tmp_path / 'samples_metrics.json'}"
+    record = json.loads((tmp_path / "samples_metrics.json").read_text())
+    assert record["num_samples"] == 4 and record["sample_image_size"] == [16, 16]
 
 
 def test_help_names_the_module_and_shows_every_default(capsys, monkeypatch):
