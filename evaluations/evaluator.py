@@ -140,6 +140,9 @@ def parse_args(argv=None):
     if args.center_crop is not None and args.center_crop < 1:
         raise UserError(f"--center-crop {args.center_crop}: the crop size must be at least 1 pixel")
     check_device(args.device)
+    if args.save_ref_stats is not None and args.save_ref_stats.suffix != ".npz":
+        raise UserError(f"--save-ref-stats {args.save_ref_stats}: the statistics are an .npz file; give a name "
+                        f"ending in .npz, e.g. {args.save_ref_stats.with_name(args.save_ref_stats.name + '.npz')}")
     output_flag = "--output-json"
     if args.sample_batch is not None and args.output_json is None:
         args.output_json = default_output_json(args.sample_batch)

@@ -534,6 +534,11 @@ CLI_MISTAKES = {
         "{tmp}/ref.npz {tmp}/sample.npz --num-samples 16",
         ["--output-json (default)", "sample_metrics.json: is a folder"],
     ),
+    "--save-ref-stats without .npz": (
+        None,
+        "{tmp}/ref.npz --save-ref-stats {tmp}/stats",
+        ["--save-ref-stats", "give a name ending in .npz"],
+    ),
     "--save-ref-stats an existing folder": (
         lambda tmp: (tmp / "stats.npz").mkdir(),
         "{tmp}/ref.npz --save-ref-stats {tmp}/stats.npz",
