@@ -18,16 +18,19 @@ SECONDS_PER_HOUR = 3600
 DPI = 120
 
 
-def evaluation_dir(run) -> Path:
-    return run.run_dir / "eval" / f"step_{run.max_steps:07d}"
+def evaluation_dir(run, key) -> Path:
+    """Where the evaluation `key` (a digest of everything that decides it: the checkpoint, the reference,
+    the number of samples and the sampling flags) of the run's final checkpoint is kept."""
+    return run.run_dir / "eval" / f"step_{run.max_steps:07d}" / key
 
 
-def run_values(run) -> dict:
-    """{metric: value} for a finished run: the evaluator's metrics of its final checkpoint when the study
-    evaluated it, else the in-training FID logged at its last step; {} when there is none yet."""
-    metrics_file = evaluation_dir(run) / "metrics.json"
-    if metrics_file.is_file():
-        saved = json.loads(metrics_file.read_text())
+def run_values(run, metrics_file=None) -> dict:
+    """{metric: value} for a finished run: the evaluator's metrics in `metrics_file` when the study
+    evaluates (--evaluate-ref), else the in-training FID logged at its last step; {} when there is none yet."""
+    if metrics_file is not None:
+        if not Path(metrics_file).is_file():
+            return {}
+        saved = json.loads(Path(metrics_file).read_text())
         return {key: saved[key] for key in EVALUATOR_METRICS if saved.get(key) is not None}
     metrics = run.run_dir / "metrics.jsonl"
     if not metrics.is_file():
@@ -40,14 +43,21 @@ def run_values(run) -> dict:
     return values
 
 
-def collect(runs) -> tuple[dict, list[str]]:
-    """({setting: {metric: [value per seed]}}, notes on runs without results)."""
+def collect(runs, metrics_files=None) -> tuple[dict, list[str]]:
+    """({setting: {metric: [value per seed]}}, notes on runs without results). `metrics_files`
+    ({(setting, seed): path}, with --evaluate-ref): the evaluator's metrics of each evaluated run; the
+    in-training FID is used only without it."""
     table, notes = {}, []
     for run in runs:
-        values = run_values(run)
+        if metrics_files is None:
+            values = run_values(run)
+        else:
+            metrics_file = metrics_files.get((run.setting, run.seed))
+            values = run_values(run, metrics_file) if metrics_file is not None else {}
         if not values:
-            notes.append(f"{run.setting} seed {run.seed}: no result at step {run.max_steps} yet "
-                         f"({'unfinished' if not run.done else 'no FID logged: train with --eval-every'})")
+            why = ("unfinished" if not run.done else "not evaluated" if metrics_files is not None
+                   else "no FID logged: train with --eval-every")
+            notes.append(f"{run.setting} seed {run.seed}: no result at step {run.max_steps} yet ({why})")
         for metric, value in values.items():
             table.setdefault(run.setting, {}).setdefault(metric, []).append(value)
     return table, notes

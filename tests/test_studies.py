@@ -3,12 +3,15 @@ curves of a tiny study run end to end."""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
 
+import sample_ddp
 import train
-from errors import UserError
+from errors import UserError, run_cli
+from evaluations import evaluator
 from studies import compare, load_study, summarize
 from studies.__main__ import main as study
 from studies.report import markdown_table, table_rows
@@ -142,3 +145,101 @@ def test_a_tiny_study_resumes_and_reports(tmp_path, data_dir, monkeypatch, capsy
     assert bands[0] == "setting,step,hours,metric,n,mean,std" and len(bands) == 3 and (out / "curves.png").is_file()
     dry = study([*argv, "--dry-run"])
     assert all(run.done for run in dry["runs"]) and "none seed 0: done" in capsys.readouterr().out
+
+
+def _files(root):
+    return {path: path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def _reference(path, seed, count=6):
+    """An image reference batch for the evaluator: `arr_0`, uint8 (count, 8, 8, 3)."""
+    np.savez(path, arr_0=np.random.default_rng(seed).integers(0, 256, (count, 8, 8, 3), dtype=np.uint8))
+    return str(path)
+
+
+def test_a_run_trained_with_other_flags_is_refused_not_reused(tmp_path, data_dir, monkeypatch, capsys):
+    from evaluations import InceptionFeatures, save_statistics
+    from evaluations.features import Activations
+
+    pool, spatial = InceptionFeatures.load()(torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8))
+    reference = tmp_path / "ref.npz"
+    save_statistics(reference, Activations(pool.numpy(), spatial.numpy()).statistics())
+    monkeypatch.setattr("training.fid.fid_against_reference", lambda features, statistics: float(features.mean()))
+    base = ["--name", "s", "--data-dir", data_dir, "--seeds", "0", "--results-dir", str(tmp_path / "r")]
+    common = (f"--sample-every 0 --tensorboard off --eval-every 1 --eval-ref {reference} --eval-samples 2 "
+              "--eval-batch-size 2 --eval-steps 2")
+    study([*base, "--setting", "a=--preset debug --lr 1e-4", "--common", f"--max-steps 1 {common}"])
+    before = _files(tmp_path / "r")
+    capsys.readouterr()
+    real_main, calls = train.main, []
+    monkeypatch.setattr(train, "main", lambda argv: calls.append(argv) or real_main(argv))
+    for setting, extra, named in [
+        ("a=--preset debug --lr 0.05 --guidance none", "", ("optim.lr: 0.0001 -> 0.05", "guidance.method: 'sra'")),
+        ("a=--preset debug --lr 0.05", " --max-steps 2", ("optim.lr: 0.0001 -> 0.05",)),  # not resumed either
+        ("a=--preset debug", " --eval-steps 3", ("--eval-steps 2 -> 3", "in-training FID")),  # its result's settings
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(study, [*base, "--setting", setting, "--common", f"--max-steps 1 {common}{extra}"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith("error: setting 'a' seed 0: ") and err.count("\n") == 1
+        assert all(name in err for name in named), err
+        assert not calls and _files(tmp_path / "r") == before  # nothing trained, nothing rewritten
+    # The reference counts by content: other statistics under the same path are not its FID's reference.
+    original = reference.read_bytes()
+    save_statistics(reference, Activations(pool.numpy()[:3], spatial.numpy()[:3]).statistics())
+    with pytest.raises(SystemExit):
+        run_cli(study, [*base, "--setting", "a=--preset debug --lr 1e-4", "--common", f"--max-steps 1 {common}"])
+    assert "--eval-ref" in capsys.readouterr().err and not calls
+    reference.write_bytes(original)
+    # What train.py lets a resumed run change: a larger --max-steps continues it.
+    result = study([*base, "--setting", "a=--preset debug --lr 1e-4", "--common", f"--max-steps 2 {common}"])
+    assert len(calls) == 1 and result["runs"][0].done and result["rows"][0]["metric"] == "fid2"
+
+
+def test_an_evaluation_is_reused_only_for_the_same_reference_samples_and_flags(tmp_path, data_dir, monkeypatch):
+    # The 2048×2048 sqrtm of a real FID takes a minute here; a stand-in that depends on samples and reference.
+    monkeypatch.setattr(evaluator, "frechet_distance", lambda sample, ref: float(sample.mu.mean() - ref.mu.mean()))
+    ref_a, ref_b = _reference(tmp_path / "refA.npz", 0), _reference(tmp_path / "refB.npz", 1)
+    real_sample, sampled = sample_ddp.main, []
+    monkeypatch.setattr(sample_ddp, "main", lambda argv: sampled.append(argv) or real_sample(argv))
+    base = ["--name", "s", "--data-dir", data_dir, "--seeds", "0", "--results-dir", str(tmp_path / "r"),
+            "--setting", "a=--preset debug", "--common", "--max-steps 1 --sample-every 0 --tensorboard off"]
+
+    def evaluated(ref, num_samples, flags):
+        result = study([*base, "--evaluate-ref", ref, "--num-samples", str(num_samples), f"--sample-flags={flags}"])
+        return {row["metric"]: row["mean"] for row in result["rows"]}["fid"]
+
+    first = evaluated(ref_a, 4, "--num-steps 2")
+    assert len(sampled) == 1
+    second = evaluated(ref_b, 5, "--num-steps 3")  # another reference, number and flags: evaluated anew
+    assert len(sampled) == 2 and second != first
+    evaluations = tmp_path / "r" / "s" / "a" / "seed0" / "eval"
+    saved = [json.loads(path.read_text()) for path in evaluations.rglob("metrics.json")]
+    assert sorted((m["reference"], m["num_samples"]) for m in saved) == [(ref_a, 4), (ref_b, 5)]
+    assert "refB.npz (sha256 " in (tmp_path / "r" / "s" / "table.md").read_text()
+    assert evaluated(ref_a, 4, "--num-steps=2") == first and len(sampled) == 2  # the same evaluation: reused
+    _reference(tmp_path / "refA.npz", 2)  # the same path, other content: evaluated anew
+    assert evaluated(ref_a, 4, "--num-steps 2") != first and len(sampled) == 3
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--evaluate-ref", "{tmp}/nope.npz"], "nope.npz: no such file"),
+    (["--evaluate-ref", "{tmp}/stats.npz"], "it holds statistics only, the images are needed here"),
+    (["--evaluate-ref", "{tmp}/ref.npz", "--num-samples", "3"], "--num-samples 3: the evaluator's precision and"),
+    (["--evaluate-ref", "{tmp}/ref.npz", "--sample-flags", "--num-steps 0"], "--num-steps must be >= 1"),
+    (["--evaluate-ref", "{tmp}/ref.npz", "--sample-flags", "--bogus 1"], "unrecognized arguments: --bogus 1"),
+    (["--evaluate-ref", "{tmp}/ref.npz", "--sample-flags", "--num-samples 8"], "--num-samples is set by the study"),
+    (["--sample-flags", "--num-steps 4"], "--sample-flags set the evaluation of --evaluate-ref, which is not given"),
+])
+def test_evaluation_inputs_are_checked_before_anything_trains(tmp_path, monkeypatch, capsys, flags, message):
+    _reference(tmp_path / "ref.npz", 0)
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(2048))
+    monkeypatch.setattr(train, "main", lambda argv: pytest.fail("trained before the evaluation inputs were checked"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(study, ["--name", "s", "--data-dir", str(tmp_path / "data"), "--seeds", "0", "--results-dir",
+                        str(tmp_path / "r"), "--setting", "a=--preset debug",
+                        *(flag.format(tmp=tmp_path) for flag in flags)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert message in err, err
+    assert not (tmp_path / "r").exists()

@@ -105,22 +105,35 @@ def _flat(record, prefix=""):
     return flat
 
 
-def check_resumable(saved: dict, record: dict) -> None:
-    """Refuse to continue a run whose saved record differs in anything but RESUMABLE settings; the data
-    may move (run.data_dir) as long as its content (data.dataset_checksum) is the same."""
+def resume_differences(saved: dict, record: dict) -> list[tuple[str, object, object]]:
+    """(setting, saved value, new value) for every setting but the RESUMABLE ones in which a new record
+    differs from a saved run's, in key order ('(absent)' where one lacks it). The data may move
+    (run.data_dir) as long as its content (data.dataset_checksum) is the same; an EVOLVING_IDENTITY may be
+    added or dropped."""
     added = {**ADDED_DATA_FACTS, **ADDED_RUN_SETTINGS}
     old, new = {**added, **_flat(saved)}, {**added, **_flat(record)}
     if old.get("guidance.method") == "sra":
         old = {**ADDED_SETTINGS, **old}
-    for key, setting in EVOLVING_IDENTITY.items():
+    for key in EVOLVING_IDENTITY:
         before, now = old.pop(f"identity.{key}", None), new.pop(f"identity.{key}", None)
         if before is not None and now is not None and before != now:
-            raise UserError(f"{flag_name(setting.split('.')[-1])} {new.get(setting)} has other content than the file "
-                            f"this run's FID rows were computed against (sha256 {now[:12]}… vs {before[:12]}…), and "
-                            "one curve would mix two references; give that file, or use another --run-name")
+            old[f"identity.{key}"], new[f"identity.{key}"] = before, now
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE)
+    return [(k, old.get(k, "(absent)"), new.get(k, "(absent)")) for k in changed]
+
+
+def check_resumable(saved: dict, record: dict) -> None:
+    """Refuse to continue a run whose saved record differs (resume_differences), naming what differs."""
+    changed = resume_differences(saved, record)
+    for key, before, now in changed:
+        setting = EVOLVING_IDENTITY.get(key.removeprefix("identity."))
+        if setting is not None:
+            raise UserError(f"{flag_name(setting.split('.')[-1])} {_flat(record).get(setting)} has other content "
+                            f"than the file this run's FID rows were computed against (sha256 {now[:12]}… vs "
+                            f"{before[:12]}…), and one curve would mix two references; give that file, or use "
+                            "another --run-name")
     if changed:
-        details = ", ".join(f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in changed[:6])
+        details = ", ".join(f"{k}: {before!r} -> {now!r}" for k, before, now in changed[:6])
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
         raise UserError(f"this run directory holds a run with a different config ({details}{more}); "
                         "use another --run-name, or the original flags")
