@@ -133,8 +133,9 @@ def parse_args(argv=None):
     args = build_parser().parse_intermixed_args(argv)
     if args.sample_batch is None and args.save_ref_stats is None:
         raise UserError("give SAMPLE, or --save-ref-stats to only compute the reference statistics")
-    if args.num_samples < 2:
-        raise UserError(f"--num-samples {args.num_samples}: at least 2 are needed (FID needs a covariance)")
+    if args.num_samples <= NEIGHBOURHOOD_SIZE:
+        raise UserError(f"--num-samples {args.num_samples}: precision and recall need more than "
+                        f"{NEIGHBOURHOOD_SIZE} samples (their k = {NEIGHBOURHOOD_SIZE} nearest neighbours)")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: at least 1 is needed")
     if args.center_crop is not None and args.center_crop < 1:
@@ -211,7 +212,8 @@ def open_inputs(args):
         sample = open_images(args.sample_batch, args.center_crop)
         if sample.num_images < args.num_samples:
             count = sample.num_images
-            hint = f"pass --num-samples {count} to use them all" if count >= 2 else "FID needs at least 2"
+            hint = (f"pass --num-samples {count} to use them all" if count > NEIGHBOURHOOD_SIZE
+                    else f"precision and recall need more than {NEIGHBOURHOOD_SIZE}")
             raise UserError(
                 f"{args.sample_batch}: holds {count} images, fewer than --num-samples {args.num_samples}; {hint}"
             )
