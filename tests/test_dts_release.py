@@ -361,16 +361,20 @@ def test_release_literal_cosine_is_over_tokens():
     assert abs(ref["literal_cos"] - ref["align"]) > 1e-3
 
 
-@pytest.mark.parametrize("teacher_t, teacher_mask, separate", [("sra", True, True), ("self_flow", False, True),
-                                                               ("same", True, False)])
-def test_training_loss_call_equals_release(monkeypatch, teacher_t, teacher_mask, separate):
+@pytest.mark.parametrize("teacher_t, teacher_mask, separate, dropout", [
+    ("sra", True, True, 0.0), ("self_flow", False, True, 0.0), ("same", True, False, 0.0),
+    # Every label dropped: the student trains on the null class and the teacher still sees the labels (the
+    # release drops them inside the student's embedder, in training mode, which its eval-mode teacher skips).
+    ("sra", True, True, 1.0),
+])
+def test_training_loss_call_equals_release(monkeypatch, teacher_t, teacher_mask, separate, dropout):
     """TrainingLoss.__call__ itself: groups injected through `grouping.draw`, Δ through draw_delta, and
-    ε read back by replaying the seed (class dropout 0 draws nothing; the patched draw neither, so
-    `torch.randn_like(x0)` is the first draw after the seed)."""
+    ε read back by replaying the seed (class dropout draws one uniform per image first, then the patched
+    draw nothing, so `torch.randn_like(x0)` is the next draw)."""
     n, weight, seed = 3, 0.7, 123
     student_model, head, teacher = make_models()
     x0, _, y = make_batch(n)
-    ids = make_ids((0.25,), n, full_row=True)
+    ids = make_ids((0.25,), n, full_row=dropout == 0)
     times, delta = make_times(n, 2, dual_time=True)
     inject_delta(monkeypatch, delta)
     objective = FlowObjective()
@@ -378,54 +382,28 @@ def test_training_loss_call_equals_release(monkeypatch, teacher_t, teacher_mask,
     grouping = TokenGrouping(config, objective, TOKENS, PATCH)
     monkeypatch.setattr(grouping, "draw", lambda *a, **k: DrawnGroups(ids, times, separate, PATCH))
     guidance = sra_guidance(teacher, student_model, teacher_t, teacher_mask)
-    loss_fn = TrainingLoss(objective, 0.0, NULL_CLASS, guidance, grouping)
+    loss_fn = TrainingLoss(objective, dropout, NULL_CLASS, guidance, grouping)
 
     torch.manual_seed(seed)
     terms = loss_fn(Student(student_model, head, STUDENT_DEPTH), x0, y, weight)
     torch.manual_seed(seed)
+    dropped = torch.rand(n) < dropout if dropout else None
     eps = torch.randn_like(x0)
     ref = release_loss(state(student_model), state(head), state(teacher), x0, eps, y, ids, times, delta,
-                       teacher_t, teacher_mask, separate)
-    MAX_DIFF[f"TrainingLoss-{teacher_t}-mask{teacher_mask}-AS{separate}"] = {
+                       teacher_t, teacher_mask, separate, dropped=dropped)
+    MAX_DIFF[f"TrainingLoss-{teacher_t}-mask{teacher_mask}-AS{separate}-drop{dropout}"] = {
         "gen": assert_close(terms["gen"], ref["gen"], "gen"),
         "align": assert_close(terms["align"], ref["align"], "align"),
         "loss": assert_close(terms["loss"].detach(), ref["gen"] + weight * ref["align"], "loss"),
     }
+    if dropout:  # the labels the teacher sees matter: a teacher on the null class gives another target
+        null_teacher = release_loss(state(student_model), state(head), state(teacher), x0, eps,
+                                    torch.full_like(y, NULL_CLASS), ids, times, delta, teacher_t, teacher_mask,
+                                    separate)
+        assert bool(dropped.all()) and abs(null_teacher["align"] - ref["align"]) > 1e-4
     terms["loss"].backward()  # the graph reaches the student and head, not the teacher
     assert all(p.grad is not None for p in head.parameters())
     assert all(p.grad is None for p in teacher.parameters())
-
-
-def test_teacher_keeps_the_labels_cfg_drops(monkeypatch):
-    """With CFG dropout the student trains on the null class for the dropped samples, and the teacher still
-    sees their labels: the release drops labels inside the student's embedder (training mode), which its
-    eval-mode teacher does not. Every label is dropped here (p = 1), so ignoring the difference would move
-    the whole target."""
-    n, weight, seed = 3, 0.7, 7
-    student_model, head, teacher = make_models()
-    x0, _, y = make_batch(n)
-    ids = make_ids((0.25,), n, full_row=False)
-    times, delta = make_times(n, 2, dual_time=True)
-    inject_delta(monkeypatch, delta)
-    objective = FlowObjective()
-    config = TokenGroupsConfig(mask_ratio=(0.25,), dual_time_scheduling=True, attention_separation=True)
-    grouping = TokenGrouping(config, objective, TOKENS, PATCH)
-    monkeypatch.setattr(grouping, "draw", lambda *a, **k: DrawnGroups(ids, times, True, PATCH))
-    loss_fn = TrainingLoss(objective, 1.0, NULL_CLASS, sra_guidance(teacher, student_model, "sra", True), grouping)
-
-    torch.manual_seed(seed)
-    terms = loss_fn(Student(student_model, head, STUDENT_DEPTH), x0, y, weight)
-    torch.manual_seed(seed)
-    torch.rand(n)  # the dropout draw
-    eps = torch.randn_like(x0)
-    everything = torch.ones(n, dtype=torch.bool)
-    ref = release_loss(state(student_model), state(head), state(teacher), x0, eps, y, ids, times, delta,
-                       "sra", True, True, dropped=everything)
-    assert_close(terms["gen"], ref["gen"], "gen")
-    assert_close(terms["align"], ref["align"], "align")
-    null_teacher = release_loss(state(student_model), state(head), state(teacher), x0, eps,
-                                torch.full_like(y, NULL_CLASS), ids, times, delta, "sra", True, True)
-    assert abs(null_teacher["align"] - ref["align"]) > 1e-4  # the labels the teacher sees matter here
 
 
 # ----------------------------------------------------------------------------------------------------
