@@ -19,15 +19,22 @@ from configs import cli
 from errors import UserError, check_output_dir, run_cli
 from guidance.registry import METHODS
 from preprocessing.dataset import LatentDataset, ResumableSampler, make_loader
-from preprocessing.store import sha256_file
 from sampling.pipeline import check_compatible, load_decoder
 from training.checkpoints import check_loadable, load_latest, own_teacher, restore, save_checkpoint
-from training.fid import InTrainingFID
+from training.fid import InTrainingFID, reference_sha256
 from training.guard import NonFiniteGuard
 from training.metrics import MetricsLogger
 from training.parallel import check_strategy
 from training.samples import ConditionDraws, grid_inputs, save_sample_grid
-from training.setup import build_run, carry_identity, check_resumable, compile_run, data_facts, run_record
+from training.setup import (
+    build_run,
+    carry_identity,
+    check_resumable,
+    compile_run,
+    data_facts,
+    reference_identity,
+    run_record,
+)
 from training.step import micro_batches, train_step
 
 
@@ -54,8 +61,9 @@ def resume_state(config, run_dir, record, accelerator):
             "(they are kept), or restore a good copy")
     if state is not None:
         check_loadable(state, path, accelerator)
-        check_resumable(state["config"], record)
-        carry_identity(state["config"], record)
+        saved = reference_identity(state["config"])
+        check_resumable(saved, record)
+        carry_identity(saved, record)
     return state, path
 
 
@@ -80,7 +88,7 @@ def main(argv=None):
     output = config.output
     identity = parts.guidance.identity() if parts.guidance is not None else {}
     if output.eval_every:  # the FID rows of a run are against one reference, known by content
-        identity["eval_ref_sha256"] = sha256_file(Path(output.eval_ref)) if Path(output.eval_ref).is_file() else None
+        identity["eval_ref_statistics_sha256"] = reference_sha256(output.eval_ref)
     record = run_record(config, facts, identity)
     state, state_path = resume_state(config, run_dir, record, accelerator)
     start_step = state["step"] if state is not None else 0

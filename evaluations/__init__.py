@@ -9,7 +9,13 @@ In-training FID:
 """
 
 from .features import Activations, InceptionFeatures, fid_against_reference, images_to_uint8
-from .images import ReferenceStatistics, load_reference_statistics, open_images, save_statistics
+from .images import (
+    ReferenceStatistics,
+    load_reference_statistics,
+    open_images,
+    save_statistics,
+    statistics_sha256,
+)
 from .inception import FIDInceptionV3, load_fid_inception, load_softmax_weight, random_fid_inception
 from .metrics import FIDStatistics, frechet_distance, inception_score, precision_recall
 from .resize import resize_bilinear_tf1
@@ -26,6 +32,7 @@ __all__ = [
     "inception_score",
     "load_fid_inception",
     "load_reference_statistics",
+    "statistics_sha256",
     "load_softmax_weight",
     "open_images",
     "precision_recall",

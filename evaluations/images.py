@@ -8,6 +8,7 @@ differently sized images (COCO's val2014) is read with a crop size: each image i
 N x N as it is decoded, the crop the training data gets (`preprocessing.image.center_crop_adm`).
 """
 
+import hashlib
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -262,6 +263,18 @@ def load_reference_statistics(path):
     if statistics is None:
         raise UserError(f"{path}: no `mu, sigma, mu_s, sigma_s`; compute them with {SAVE_STATISTICS_COMMAND}")
     return statistics
+
+
+def statistics_sha256(statistics: ReferenceStatistics) -> str:
+    """A reference's identity by content: sha256 over what an FID against it uses (mu, sigma, mu_s, sigma_s:
+    dtype, shape and bytes), so an ADM reference batch is known without reading the images it also holds."""
+    digest = hashlib.sha256()
+    for name, array in (("mu", statistics.pool.mu), ("sigma", statistics.pool.sigma),
+                        ("mu_s", statistics.spatial.mu), ("sigma_s", statistics.spatial.sigma)):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{name}:{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def save_statistics(path, statistics):

@@ -25,7 +25,8 @@ from configs import cli
 from errors import UserError
 from preprocessing import store
 from training.checkpoints import list_checkpoints
-from training.setup import resume_differences
+from training.fid import reference_sha256
+from training.setup import reference_identity, resume_differences
 
 DEFAULT_RESULTS_DIR = Path("results") / "studies"
 OWNED_FLAGS = ("--data-dir", "--seed", "--results-dir", "--run-name", "--dry-run")
@@ -120,13 +121,20 @@ def _differences(old: dict, new: dict) -> str | None:
     return "; ".join(found)
 
 
-def _same_reference(saved: dict, eval_ref) -> bool:
-    """Whether `eval_ref` is the reference a run's FID rows were computed against: by content where the
-    run recorded it (identity.eval_ref_sha256), by path for runs recorded before that."""
-    recorded = (saved.get("identity") or {}).get("eval_ref_sha256")
+def _same_reference(saved: dict, eval_ref, hashes: dict) -> bool:
+    """Whether `eval_ref` is the reference a run's FID rows were computed against: by the content train.py
+    recorded (or, for older records, of the file they name where it still exists), else by path. Without
+    the file here (a report on another machine) there is nothing to compare, and the run keeps its result.
+    `hashes` holds each file's hash for the other runs of the same check."""
+    saved = reference_identity(saved)
+    recorded = (saved.get("identity") or {}).get("eval_ref_statistics_sha256")
     if recorded is None:
         return (saved.get("output") or {}).get("eval_ref") == eval_ref
-    return eval_ref is not None and Path(eval_ref).is_file() and store.sha256_file(Path(eval_ref)) == recorded
+    if eval_ref is None or not Path(eval_ref).is_file():
+        return eval_ref is not None
+    if eval_ref not in hashes:
+        hashes[eval_ref] = reference_sha256(eval_ref)
+    return hashes[eval_ref] == recorded
 
 
 def check_recorded(runs, data_dir, training_fid=True) -> None:
@@ -135,7 +143,7 @@ def check_recorded(runs, data_dir, training_fid=True) -> None:
     .check_resumable), so only what a resumed run may change (--max-steps, output and logging flags)
     may differ. A finished run whose result is its in-training FID (`training_fid`) must also keep the
     --eval-ref, --eval-samples, --eval-steps and --vae it was evaluated with."""
-    checksum = _dataset_checksum(data_dir)
+    checksum, hashes = _dataset_checksum(data_dir), {}
     for run in runs:
         saved = run.recorded()
         if saved is None:
@@ -155,7 +163,7 @@ def check_recorded(runs, data_dir, training_fid=True) -> None:
         if training_fid and run.done and old_output.get("eval_every") and old_output.get("eval_ref"):
             changed = [f"--{key.replace('_', '-')} {old_output.get(key)!r} -> {new_output.get(key)!r}"
                        for key in TRAINING_FID if key != "eval_ref" and old_output.get(key) != new_output.get(key)]
-            if not _same_reference(saved, new_output.get("eval_ref")):
+            if not _same_reference(saved, new_output.get("eval_ref"), hashes):
                 changed.insert(0, f"--eval-ref {old_output.get('eval_ref')!r} -> {new_output.get('eval_ref')!r}")
             if changed:
                 raise UserError(f"{where}: its result, the in-training FID at step {run.max_steps}, was computed "

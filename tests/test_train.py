@@ -1,5 +1,4 @@
 """End-to-end runs of train.py on a tiny generated pixel dataset (CPU)."""
-import hashlib
 import json
 import os
 import subprocess
@@ -148,8 +147,11 @@ def test_fid_during_training(tmp_path, data_dir, monkeypatch):
     assert lines[-1]["step"] == 2 and lines[-1]["fid4"] == 12.5
     assert lines[-1]["train_time_s"] == lines[-2]["train_time_s"] > 0  # training time only, logged with FID
     # The reference is part of the run by content: moved, it resumes; other statistics are refused.
+    from training.fid import reference_sha256
+    from training.setup import check_resumable, reference_identity
+
     record = json.loads((tmp_path / "debug" / "config.json").read_text())
-    assert record["identity"]["eval_ref_sha256"] == hashlib.sha256(reference.read_bytes()).hexdigest()
+    assert record["identity"]["eval_ref_statistics_sha256"] == reference_sha256(reference)
     other = tmp_path / "other.npz"
     save_statistics(other, Activations(pool.numpy()[:5], spatial.numpy()[:5]).statistics())
     with pytest.raises(UserError, match=r"--eval-ref .*other.npz has other content than the file this run's FID"):
@@ -164,6 +166,14 @@ def test_fid_during_training(tmp_path, data_dir, monkeypatch):
     run(tmp_path, data_dir, "--max-steps", "4", "--sample-every", "0", "--eval-every", "2", "--eval-ref",
         str(moved), "--eval-samples", "4", "--eval-batch-size", "2", "--eval-steps", "2")
     assert len(seen) == 2  # step 4's FID, against the same statistics
+    # A run recorded before references were known by content: the file its record names is hashed now.
+    older = {**record, "identity": {}, "output": {**record["output"], "eval_ref": str(moved)}}
+    assert reference_identity(older)["identity"] == record["identity"]
+    with pytest.raises(UserError, match="has other content"):
+        check_resumable(reference_identity(older), {**record, "identity": {
+            "eval_ref_statistics_sha256": reference_sha256(other)}})
+    gone = {**older, "output": {**older["output"], "eval_ref": str(tmp_path / "gone.npz")}}
+    assert reference_identity(gone) == gone  # nothing to hash: such a run resumes as before
 
 
 def test_repa_end_to_end_records_its_encoder(tmp_path, data_dir):

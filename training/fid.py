@@ -7,11 +7,23 @@ FID against saved reference statistics (`python -m evaluations.evaluator REF --s
 import torch
 
 from errors import UserError
-from evaluations import InceptionFeatures, fid_against_reference, images_to_uint8, load_reference_statistics
+from evaluations import (
+    InceptionFeatures,
+    fid_against_reference,
+    images_to_uint8,
+    load_reference_statistics,
+    statistics_sha256,
+)
 from evaluations.images import SAVE_STATISTICS_COMMAND, format_size
 from models import guided_model_fn
 
 EVAL_SEED = 1  # noise and labels of the FID-K samples (distinct from the sample grids' seed)
+
+
+def reference_sha256(path) -> str:
+    """The identity by content of the reference statistics at `path` (evaluations.statistics_sha256): only
+    their arrays are read, never the images an ADM reference batch also holds."""
+    return statistics_sha256(load_reference_statistics(path))
 
 
 class InTrainingFID:

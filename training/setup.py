@@ -2,6 +2,7 @@
 the model, its EMA, the objective, the guidance method, the loss and the optimizer."""
 import dataclasses
 import types
+from pathlib import Path
 
 import torch
 
@@ -32,7 +33,7 @@ ADDED_DATA_FACTS = {"data.condition": CLASS, "data.context_shape": None, "data.t
 ADDED_RUN_SETTINGS = {"optim.parallel": "ddp"}  # records made before --parallel
 # Identities a resumed run may add (an evaluation turned on) but never change: FID rows against two
 # reference sets would share one curve. Identity key -> the setting naming the file.
-EVOLVING_IDENTITY = {"eval_ref_sha256": "output.eval_ref"}
+EVOLVING_IDENTITY = {"eval_ref_statistics_sha256": "output.eval_ref"}
 ADDED_SETTINGS = {"guidance.teacher_t": "sra", "guidance.teacher_mask": True, "guidance.projection_head": True,
                   "guidance.teacher_update": "ema", "guidance.teacher_momentum_start": 0.996,
                   "guidance.teacher_momentum_steps": None, "guidance.teacher_precision": "step"}
@@ -137,6 +138,22 @@ def check_resumable(saved: dict, record: dict) -> None:
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
         raise UserError(f"this run directory holds a run with a different config ({details}{more}); "
                         "use another --run-name, or the original flags")
+
+
+def reference_identity(saved: dict) -> dict:
+    """A saved record with its FID reference known by content. Records made before references were
+    recorded name theirs by path (output.eval_ref): where that file still exists, its statistics are
+    hashed now, so that resuming against other statistics is refused for those runs too."""
+    output, identity = saved.get("output") or {}, saved.get("identity") or {}
+    key = "eval_ref_statistics_sha256"
+    if key in identity or not (output.get("eval_every") and output.get("eval_ref")):
+        return saved
+    path = Path(output["eval_ref"])
+    if not path.is_file():
+        return saved
+    from training.fid import reference_sha256
+
+    return {**saved, "identity": {**identity, key: reference_sha256(path)}}
 
 
 def carry_identity(saved: dict, record: dict) -> None:
