@@ -198,6 +198,6 @@ def resolve(preset: str | None = None, given: dict | None = None) -> TrainConfig
     if method != NONE:
         guidance = _pick(config_class(method), values).resolved_for(model.model, model.depth)
         _refuse_unused(guidance, given)
-        guidance = guidance.with_run_length(sections["optim"].max_steps)
+        guidance = guidance.with_run_length(sections["optim"].max_steps).with_token_groups(sections["groups"].enabled)
     _check_groups(sections["groups"], given, model.model)
     return TrainConfig(preset=preset, model=model, guidance=guidance, **sections)

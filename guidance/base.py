@@ -75,6 +75,10 @@ class AlignmentConfig:
         """This config with settings that default to the run's length filled in."""
         return self
 
+    def with_token_groups(self, enabled: bool) -> "AlignmentConfig":
+        """This config with settings that default to whether the run trains with token groups filled in."""
+        return self
+
     @property
     def own_teacher(self) -> bool:
         """Whether the method keeps a teacher of its own besides the sampled EMA (teacher_momentum then

@@ -33,6 +33,10 @@ SSL_MOMENTUM_START = 0.996  # DINO's default --momentum_teacher; the paper's "0.
 # fp16 autocast whatever the step's, or fp8: bf16 autocast with the blocks' token-wise linear layers in FP8
 # e4m3 with row-wise scales (models/fp8.py; Hopper GPUs).
 TEACHER_PRECISIONS = ("step", "bf16", "fp16", "fp8")
+# The condition the teacher sees: the student's after CFG dropout (SPEC §3 step 4; the release's SiT-SRA and
+# DiT-SRA pass the dropped labels), or the one before it (the release's SiT-SRA_DTS_AS, whose student drops
+# labels inside its own forward, which its eval-mode teacher does not run). Default: by token groups.
+TEACHER_LABELS = ("dropped", "clean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +75,10 @@ class SRAConfig(AlignmentConfig):
     teacher_mask: bool = option(
         True, "with token groups: the teacher sees the student's groups (and their attention separation); "
         "--teacher-t sra and same need it", families=("SiT",))
+    teacher_labels: str | None = option(
+        None, "the condition the teacher sees: the student's after CFG dropout (dropped, SPEC §3) or the one "
+        "before it (clean, the release's dual-time variant); default: clean with token groups, else dropped",
+        choices=TEACHER_LABELS, type=str)
     teacher_precision: str = option(
         "step", "the teacher forward's precision: the training step's (--mixed-precision), bf16, fp16, or fp8 "
         "(the blocks' token-wise matmuls in FP8 with row-wise scales; Hopper GPUs)", choices=TEACHER_PRECISIONS)
@@ -93,6 +101,11 @@ class SRAConfig(AlignmentConfig):
     def with_run_length(self, max_steps):
         if self.teacher_update == "ssl_cosine" and self.teacher_momentum_steps is None:
             return dataclasses.replace(self, teacher_momentum_steps=max_steps)
+        return self
+
+    def with_token_groups(self, enabled):
+        if self.teacher_labels is None:
+            return dataclasses.replace(self, teacher_labels="clean" if enabled else "dropped")
         return self
 
     @property
@@ -171,8 +184,13 @@ class SRA(Guidance):
         t_teacher = self.teacher_time(inputs.t, x0.shape[0], x0.device)
         x_teacher = objective.noisy(x0, inputs.eps, t_teacher)
         with self.teacher_precision():
-            return self.teacher.forward_features(x_teacher, objective.model_time(t_teacher), inputs.y,
-                                                 self.config.teacher_depth)
+            return self.teacher.forward_features(x_teacher, objective.model_time(t_teacher),
+                                                 self.teacher_condition(inputs), self.config.teacher_depth)
+
+    def teacher_condition(self, inputs: AlignmentInputs):
+        """The labels or contexts the teacher is conditioned on (--teacher-labels; unresolved, by groups)."""
+        labels = self.config.teacher_labels or ("clean" if inputs.groups is not None else "dropped")
+        return inputs.clean_y if labels == "clean" and inputs.clean_y is not None else inputs.y
 
     def grouped_target(self, inputs: AlignmentInputs):
         """The teacher for a student trained with token groups (the release's SiT-SRA_DTS_AS/loss.py):
@@ -182,9 +200,7 @@ class SRA(Guidance):
         self_flow: the whole image at t_min, the smallest group time; with --teacher-mask the first
         group's tokens are noised to t_min and the other groups' tokens are clean (noise level 0), all
         conditioned on t_min, with the student's groups (as the release does).
-        The teacher sees the labels before CFG dropout: the release drops them inside the student's label
-        embedder, which its teacher, in eval mode, does not run (plain SRA's teacher sees the dropped ones,
-        SPEC §3 step 4, as that release passes them).
+        The teacher's labels are --teacher-labels' (by default those before CFG dropout, as the release's).
         """
         drawn, objective, config = inputs.groups, self.objective, self.config
         groups = drawn.groups if config.teacher_mask else None
@@ -206,7 +222,6 @@ class SRA(Guidance):
                 t_teacher = objective.shift_time(drawn.times, delta)
             where = drawn.time_map(t_teacher)
         x_teacher = objective.noisy(inputs.x0, inputs.eps, where)
-        y = inputs.y if inputs.clean_y is None else inputs.clean_y
         with self.teacher_precision():
-            return self.teacher.forward_features(x_teacher, objective.model_time(t_teacher), y,
-                                                 config.teacher_depth, groups)
+            return self.teacher.forward_features(x_teacher, objective.model_time(t_teacher),
+                                                 self.teacher_condition(inputs), config.teacher_depth, groups)

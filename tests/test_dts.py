@@ -202,6 +202,24 @@ def test_runs_recorded_before_the_teacher_group_settings_still_resume():
         check_resumable(changed, record)
 
 
+def test_teacher_labels_default_by_groups_and_old_grouped_runs_keep_theirs():
+    """With token groups the teacher sees the labels before CFG dropout (the release's dual-time variant),
+    without them the dropped ones (SPEC §3); a grouped run recorded before the setting existed trained with
+    the dropped labels, so it resumes only when given them back."""
+    assert resolve("sit-b2-sra", {}).guidance.teacher_labels == "dropped"
+    grouped = resolve("sit-b2-sra-dts-as", {})
+    assert grouped.guidance.teacher_labels == "clean"
+    assert resolve("sit-b2-sra", {"teacher_labels": "clean"}).guidance.teacher_labels == "clean"
+    old = json.loads(json.dumps(grouped.to_dict()))
+    del old["guidance"]["teacher_labels"]
+    with pytest.raises(UserError, match="guidance.teacher_labels: 'dropped' -> 'clean'"):
+        check_resumable(old, grouped.to_dict())
+    check_resumable(old, resolve("sit-b2-sra-dts-as", {"teacher_labels": "dropped"}).to_dict())
+    plain = json.loads(json.dumps(resolve("sit-b2-sra", {}).to_dict()))
+    del plain["guidance"]["teacher_labels"]
+    check_resumable(plain, resolve("sit-b2-sra", {}).to_dict())
+
+
 GROUPED = ["--mask-ratio", "0.25", "--dual-time-scheduling", "on", "--attention-separation", "on",
            "--ckpt-every", "2", "--sample-every", "0", "--log-every", "1"]
 

@@ -96,8 +96,9 @@ def test_teacher_features_are_the_partial_forward_at_the_shifted_time(name):
     assert torch.equal(features, captured["h"])
 
 
-def test_teacher_sees_the_students_dropped_labels():
-    student, ema, loss_fn = make_parts(dropout=0.5)
+@pytest.mark.parametrize("teacher_labels", ["dropped", "clean"])
+def test_teacher_sees_the_students_dropped_labels(teacher_labels):
+    student, ema, loss_fn = make_parts(dropout=0.5, teacher_labels=teacher_labels)
     labels = {}
     original_student, original_teacher = student.forward, ema.model.forward_features
 
@@ -112,7 +113,7 @@ def test_teacher_sees_the_students_dropped_labels():
     student.forward, ema.model.forward_features = student_spy, teacher_spy
     x0, y = batch(n=64)
     loss_fn(student, x0, y, weight=0.2)
-    assert torch.equal(labels["student"], labels["teacher"])
+    assert torch.equal(labels["teacher"], labels["student"] if teacher_labels == "dropped" else y)
     dropped = labels["student"] == student.backbone.num_classes
     assert 0 < dropped.sum() < 64  # some labels dropped, some kept
     assert torch.equal(labels["student"][~dropped], y[~dropped])

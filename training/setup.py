@@ -36,7 +36,9 @@ ADDED_RUN_SETTINGS = {"optim.parallel": "ddp"}  # records made before --parallel
 EVOLVING_IDENTITY = {"eval_ref_statistics_sha256": "output.eval_ref"}
 ADDED_SETTINGS = {"guidance.teacher_t": "sra", "guidance.teacher_mask": True, "guidance.projection_head": True,
                   "guidance.teacher_update": "ema", "guidance.teacher_momentum_start": 0.996,
-                  "guidance.teacher_momentum_steps": None, "guidance.teacher_precision": "step"}
+                  "guidance.teacher_momentum_steps": None, "guidance.teacher_precision": "step",
+                  # records made before --teacher-labels: every run's teacher saw the dropped labels
+                  "guidance.teacher_labels": "dropped"}
 
 
 @dataclasses.dataclass(frozen=True)
