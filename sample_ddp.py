@@ -19,6 +19,7 @@ same command after an interruption resumes: finished batches are kept and the fi
 to an uninterrupted run's.
 """
 import argparse
+import math
 import os
 import time
 from pathlib import Path
@@ -155,13 +156,14 @@ def check_numbers(settings):
     if settings["seed"] < 0:
         raise UserError(f"--seed must be >= 0, got {settings['seed']}")
     # A scale <= 0 drops or inverts the conditional prediction: never meant, so refused.
-    if not settings["cfg_scale"] > 0:
-        raise UserError(f"--cfg-scale must be > 0 (1 means no guidance, above 1 guides), got {settings['cfg_scale']:g}")
+    if not 0 < settings["cfg_scale"] < math.inf:
+        raise UserError(f"--cfg-scale must be finite and > 0 (1 means no guidance, above 1 guides), got "
+                        f"{settings['cfg_scale']:g}")
     low, high = settings["guidance_interval"]
     if not 0.0 <= low <= high <= 1.0:
         raise UserError(f"--guidance-interval needs 0 <= LOW <= HIGH <= 1, got {low} {high}")
-    if not settings["ddim_eta"] >= 0:
-        raise UserError(f"--ddim-eta must be >= 0, got {settings['ddim_eta']}")
+    if not 0 <= settings["ddim_eta"] < math.inf:
+        raise UserError(f"--ddim-eta must be finite and >= 0, got {settings['ddim_eta']}")
 
 
 def fill_sampler(settings, objective, family):

@@ -79,10 +79,10 @@ def main(argv=None):
 
     # Every check before anything is written: the data, the parts (a frozen encoder loads here), the
     # run directory's checkpoints and their config, the decoder and the FID reference.
-    dataset = open_dataset(config, accelerator)
-    facts = data_facts(config, dataset, accelerator.num_processes)
     run_dir = Path(config.run.results_dir) / config.run_name
     check_output_dir(run_dir, "--results-dir/--run-name")
+    dataset = open_dataset(config, accelerator)
+    facts = data_facts(config, dataset, accelerator.num_processes)
     parts = build_run(config, facts, accelerator, dataset)
     draws = ConditionDraws(parts.condition, dataset)
     output = config.output

@@ -192,6 +192,10 @@ def evaluate(run, evaluation) -> Path:
     metrics = out / "metrics.json"
     if metrics.is_file():
         return metrics
+    older = out.parent / "metrics.json"  # the layout before evaluations were keyed: nothing says what made it
+    if older.is_file():
+        print(f"note: {older} does not record its reference, sample count and flags, so it cannot stand for this "
+              f"evaluation; {run.setting} seed {run.seed} is evaluated anew into {out} (the old files stay)")
     out.mkdir(parents=True, exist_ok=True)
     recorded.write_text(json.dumps({**record, "reference": evaluation.reference,
                                     "sample_flags": shlex.join(evaluation.sample_flags)}, indent=2) + "\n")

@@ -323,8 +323,10 @@ def test_training_info_of_both_checkpoint_formats(files, tmp_path):
     (["--num-samples", "0"], "--num-samples must be >= 1"),
     (["--per-proc-batch-size", "0"], "--per-proc-batch-size must be >= 1"),
     (["--ddim-eta", "1"], "--ddim-eta applies to the ddim sampler"),
-    (["--cfg-scale", "-3"], r"--cfg-scale must be > 0 \(1 means no guidance.*got -3"),
-    (["--cfg-scale", "0"], "--cfg-scale must be > 0"),
+    (["--cfg-scale", "-3"], r"--cfg-scale must be finite and > 0 \(1 means no guidance.*got -3"),
+    (["--cfg-scale", "0"], "--cfg-scale must be finite and > 0"),
+    (["--cfg-scale", "inf"], "--cfg-scale must be finite and > 0"),
+    (["--sampler", "ddim", "--ddim-eta", "inf"], "--ddim-eta must be finite and >= 0"),
     (["--model", "DiT-S/2"], r"the checkpoint holds SiT-S/2 \(its metadata\); --model DiT-S/2 contradicts it"),
     (["--time-convention", "data_at_1"], r"time convention data_at_0 \(its metadata\); --time-convention data_at_1"),
 ])

@@ -196,7 +196,8 @@ def test_a_run_trained_with_other_flags_is_refused_not_reused(tmp_path, data_dir
     assert len(calls) == 1 and result["runs"][0].done and result["rows"][0]["metric"] == "fid2"
 
 
-def test_an_evaluation_is_reused_only_for_the_same_reference_samples_and_flags(tmp_path, data_dir, monkeypatch):
+def test_an_evaluation_is_reused_only_for_the_same_reference_samples_and_flags(tmp_path, data_dir, monkeypatch,
+                                                                              capsys):
     # The 2048×2048 sqrtm of a real FID takes a minute here; a stand-in that depends on samples and reference.
     monkeypatch.setattr(evaluator, "frechet_distance", lambda sample, ref: float(sample.mu.mean() - ref.mu.mean()))
     ref_a, ref_b = _reference(tmp_path / "refA.npz", 0), _reference(tmp_path / "refB.npz", 1)
@@ -209,12 +210,16 @@ def test_an_evaluation_is_reused_only_for_the_same_reference_samples_and_flags(t
         result = study([*base, "--evaluate-ref", ref, "--num-samples", str(num_samples), f"--sample-flags={flags}"])
         return {row["metric"]: row["mean"] for row in result["rows"]}["fid"]
 
+    older = tmp_path / "r" / "s" / "a" / "seed0" / "eval" / "step_0000001" / "metrics.json"
+    older.parent.mkdir(parents=True)
+    older.write_text('{"fid": 1.0}')  # an evaluation in the unkeyed layout of earlier versions: not reused
     first = evaluated(ref_a, 4, "--num-steps 2")
-    assert len(sampled) == 1
+    assert len(sampled) == 1 and first != 1.0
+    assert f"note: {older} does not record its reference" in capsys.readouterr().out
     second = evaluated(ref_b, 5, "--num-steps 3")  # another reference, number and flags: evaluated anew
     assert len(sampled) == 2 and second != first
     evaluations = tmp_path / "r" / "s" / "a" / "seed0" / "eval"
-    saved = [json.loads(path.read_text()) for path in evaluations.rglob("metrics.json")]
+    saved = [json.loads(path.read_text()) for path in evaluations.rglob("metrics.json") if path != older]
     assert sorted((m["reference"], m["num_samples"]) for m in saved) == [(ref_a, 4), (ref_b, 5)]
     assert "refB.npz (sha256 " in (tmp_path / "r" / "s" / "table.md").read_text()
     assert evaluated(ref_a, 4, "--num-steps=2") == first and len(sampled) == 2  # the same evaluation: reused
