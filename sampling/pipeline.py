@@ -105,6 +105,11 @@ def load_decoder(vae_flag: str | None, config: dict, device) -> Decoder:
     scale, shift = vae.scaling.scale, vae.scaling.shift
     if dataset is not None and dataset["kind"] == "vae" and dataset["vae"] == vae.name:
         scale, shift = dataset["scale"], dataset["shift"]  # the constants the model was trained with
+        encoded_by = dataset.get("vae_sha256")  # datasets written before it was recorded lack it
+        if vae_flag is None and encoded_by is not None and encoded_by != vae.weights_sha256:
+            raise UserError(f"the VAE {vae.name} now holds other weights (sha256 {vae.weights_sha256[:12]}…) than "
+                            f"the ones that encoded the training dataset ({encoded_by[:12]}…); restore them, or "
+                            "pass --vae to decode with another VAE on purpose")
 
     def decode(x):
         return vae.model.decode(x / scale + shift).sample

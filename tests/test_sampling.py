@@ -290,6 +290,13 @@ def test_default_vae_is_the_training_datasets_with_its_scaling(files, tmp_path):
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         assert torch.equal(decoder.decode(x), vae.model.decode(x / 0.5 + 0.1).sample)
+    # The dataset's VAE by content: other weights saved under its name are refused unless asked for.
+    store.write_json(data_dir / store.INDEX_FILE, {**index, "vae_sha256": vae.weights_sha256})
+    sampling.load_decoder(None, {"data_dir": str(data_dir)}, torch.device("cpu"))
+    store.write_json(data_dir / store.INDEX_FILE, {**index, "vae_sha256": "0" * 64})
+    with pytest.raises(UserError, match="now holds other weights .* than the ones that encoded the training"):
+        sampling.load_decoder(None, {"data_dir": str(data_dir)}, torch.device("cpu"))
+    sampling.load_decoder(str(files["vae"]), {"data_dir": str(data_dir)}, torch.device("cpu"))  # --vae: on purpose
 
 
 def test_training_info_of_both_checkpoint_formats(files, tmp_path):
